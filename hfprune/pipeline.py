@@ -1,0 +1,244 @@
+"""The only module that orders stages: recipe -> parent -> calibration -> pruned model -> eval -> card.
+
+Each stage declares the fingerprint of its inputs and the outputs it owns; `Run` executes the stages
+in order, skips those whose inputs have not changed since they last finished (unless forced), and
+loads the parent lazily, so a rerun with nothing changed never touches the weights. Outputs follow
+the contract in DESIGN.md: `recipe.yaml`, `models/pruned/`, `metrics.json`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import shlex
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from hfprune import __version__
+from hfprune.cards import render_pruned_card
+from hfprune.data import calibration_tokens
+from hfprune.eval import evaluation_windows, perplexity
+from hfprune.hub import Parent, load_parent, load_parent_config, parent_license
+from hfprune.modeling import count_config_parameters, count_parameters
+from hfprune.outputs import StageLedger, atomic_dir, read_json, write_json, write_text
+from hfprune.pruners import Pruner, get_pruner
+from hfprune.recipe import Recipe
+
+
+logger = logging.getLogger(__name__)
+
+STAGES = ("parent_eval", "prune", "pruned_eval", "card")
+STOP_AFTER = {"prune": ("prune", "card")}
+
+
+@dataclass
+class StageOutcome:
+    stage: str
+    ran: bool
+
+
+@dataclass
+class RunSummary:
+    output_dir: Path
+    outcomes: list[StageOutcome] = field(default_factory=list)
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def make_pruner(recipe: Recipe) -> Pruner:
+    pruner_cls = get_pruner(recipe.prune.method)
+    return pruner_cls(pruner_cls.Options(**recipe.prune.options))
+
+
+class Run:
+    """One execution of a recipe against its output folder."""
+
+    def __init__(self, recipe: Recipe, *, force: bool = False, command: str | None = None):
+        self.recipe = recipe
+        self.out = recipe.output_path
+        self.force = force
+        self.command = command or shlex.join(["hfprune", *sys.argv[1:]])
+        self.ledger = StageLedger(self.out)
+        self.pruner = make_pruner(recipe)
+        self._parent: Parent | None = None
+        self._pruned: PreTrainedModel | None = None
+
+    # -- paths and fingerprints -------------------------------------------------------------
+    @property
+    def pruned_dir(self) -> Path:
+        return self.out / "models" / "pruned"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.out / "metrics.json"
+
+    def fingerprint(self, stage: str) -> str:
+        r = self.recipe
+        prune = r.fingerprint("parent", "prune", "calibration", "seed")
+        return {
+            "parent_eval": r.fingerprint("parent", "eval"),
+            "prune": prune,
+            "pruned_eval": f"{prune}-{r.fingerprint('eval')}",
+            # The card shows the scores, so it is stale whenever metrics.json changed.
+            "card": f"{prune}-{r.fingerprint('name', 'eval', 'output_dir')}-{_file_hash(self.metrics_path)}",
+        }[stage]
+
+    def outputs(self, stage: str) -> tuple[Path, ...]:
+        if stage in {"prune", "card"}:
+            return (self.pruned_dir / "model.safetensors", self.pruned_dir / "prune_report.json")
+        return (self.metrics_path,)
+
+    # -- orchestration ----------------------------------------------------------------------
+    def execute(self, stop_after: str | None = None) -> RunSummary:
+        stages = STOP_AFTER.get(stop_after, STAGES) if stop_after else STAGES
+        summary = RunSummary(self.out)
+        for stage in stages:
+            fingerprint = self.fingerprint(stage)
+            if not self.force and self.ledger.is_current(stage, fingerprint, *self.outputs(stage)):
+                logger.info("stage %s: up to date, skipped", stage)
+                summary.outcomes.append(StageOutcome(stage, ran=False))
+                continue
+            logger.info("stage %s: running", stage)
+            getattr(self, f"stage_{stage}")()
+            write_text(self.out / "recipe.yaml", self.recipe.to_yaml())
+            self.ledger.record(stage, fingerprint)
+            summary.outcomes.append(StageOutcome(stage, ran=True))
+        summary.metrics = read_json(self.metrics_path, {})
+        return summary
+
+    @property
+    def parent(self) -> Parent:
+        if self._parent is None:
+            self._parent = load_parent(self.recipe.parent)
+        return self._parent
+
+    # -- stages -----------------------------------------------------------------------------
+    def stage_parent_eval(self) -> None:
+        self._record_metrics("parent", self.parent.model, self.parent.tokenizer)
+
+    def stage_prune(self) -> None:
+        parent = self.parent
+        calibration = None
+        spec = self.recipe.calibration
+        if self.pruner.needs_calibration:
+            calibration = calibration_tokens(spec.dataset, parent.tokenizer, spec.num_samples, spec.seq_len)
+        parent_config = parent.model.config.to_dict()
+        before = count_parameters(parent.model)
+        # The parent is consumed here (depth pruning drops its layers in place): parent_eval runs first.
+        result = self.pruner.prune(parent.model, calibration, self.recipe.prune.ratio, spec.batch_size)
+        self._parent = None
+        self._pruned = result.model
+        report = self._report(result, parent_config, before, calibration is not None)
+        with atomic_dir(self.pruned_dir) as tmp:
+            result.model.save_pretrained(tmp)
+            parent.tokenizer.save_pretrained(tmp)
+            write_json(tmp / "prune_report.json", report)
+            self._write_card(tmp, report)
+
+    def stage_pruned_eval(self) -> None:
+        model = self._pruned or AutoModelForCausalLM.from_pretrained(self.pruned_dir, dtype="auto")
+        self._record_metrics("pruned", model, AutoTokenizer.from_pretrained(self.pruned_dir))
+
+    def stage_card(self) -> None:
+        self._write_card(self.pruned_dir, read_json(self.pruned_dir / "prune_report.json"))
+
+    # -- helpers ----------------------------------------------------------------------------
+    def _report(self, result: Any, parent_config: dict, before: Any, calibrated: bool) -> dict[str, Any]:
+        after = count_parameters(result.model)
+        shape = result.shape.to_dict()
+        # Measured counts are authoritative; the plan's are from the config formula.
+        shape["params_before"], shape["params_after"] = before.to_dict(), after.to_dict()
+        shape["ratio_achieved"] = round(1 - after.non_embedding / before.non_embedding, 6)
+        return {
+            "method": self.pruner.name,
+            "granularity": str(self.pruner.granularity),
+            "description": self.pruner.description,
+            "options": self.pruner.options.model_dump(mode="json"),
+            "ratio_requested": self.recipe.prune.ratio,
+            "ratio_achieved": shape["ratio_achieved"],
+            "params_before": shape["params_before"],
+            "params_after": shape["params_after"],
+            **result.details,
+            "shape": shape,
+            "parent": self.recipe.parent.model_dump(mode="json"),
+            "parent_config": {k: parent_config.get(k) for k in _SHAPE_KEYS},
+            "calibration": self.recipe.calibration.model_dump(mode="json") if calibrated else None,
+            "seed": self.recipe.seed,
+            "seconds": round(result.seconds, 3),
+            "hfprune_version": __version__,
+        }
+
+    def _write_card(self, folder: Path, report: dict[str, Any]) -> None:
+        card = render_pruned_card(
+            self.recipe,
+            report,
+            read_json(self.metrics_path, {}),
+            parent_license(self.recipe.parent),
+            self.command,
+        )
+        write_text(folder / "README.md", str(card))
+
+    def _record_metrics(self, key: str, model: PreTrainedModel, tokenizer: Any) -> None:
+        entry: dict[str, Any] = {"params": count_parameters(model).to_dict(), "perplexity": {}}
+        for spec in self.recipe.eval.perplexity:
+            batch, bos = evaluation_windows(spec.dataset, tokenizer, spec.seq_len, spec.max_windows)
+            dataset = spec.dataset.model_dump(mode="json", exclude_defaults=True)
+            result = perplexity(model, batch, bos, dataset, self.recipe.eval.batch_size)
+            entry["perplexity"][spec.name] = result.to_dict()
+            logger.info("%s perplexity on %s: %.3f", key, spec.name, result.value)
+        metrics = read_json(self.metrics_path, {})
+        metrics[key] = entry
+        write_json(self.metrics_path, metrics)
+
+
+def _file_hash(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:12] if path.exists() else "none"
+
+
+_SHAPE_KEYS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "vocab_size",
+    "tie_word_embeddings",
+)
+
+
+def run(recipe: Recipe, *, force: bool = False, stop_after: str | None = None) -> RunSummary:
+    """Run (or resume) a recipe; stages whose inputs are unchanged are skipped."""
+    return Run(recipe, force=force).execute(stop_after)
+
+
+def describe_plan(recipe: Recipe, stop_after: str | None = None) -> dict[str, Any]:
+    """What a run would do, from configs only: stages (and whether they would run), paths, shapes."""
+    runner = Run(recipe)
+    config = load_parent_config(recipe.parent)
+    shape = runner.pruner.plan(config, recipe.prune.ratio)
+    stages = STOP_AFTER.get(stop_after, STAGES) if stop_after else STAGES
+    return {
+        "output_dir": str(runner.out),
+        "stages": {
+            s: "up to date"
+            if runner.ledger.is_current(s, runner.fingerprint(s), *runner.outputs(s))
+            else "will run"
+            for s in stages
+        },
+        "outputs": {
+            "recipe": str(runner.out / "recipe.yaml"),
+            "pruned": str(runner.pruned_dir),
+            "metrics": str(runner.metrics_path),
+        },
+        "parent_shape": {k: getattr(config, k, None) for k in _SHAPE_KEYS},
+        "target_shape": shape.config_changes,
+        "params": {
+            "parent": count_config_parameters(config).to_dict(),
+            "pruned": shape.params_after.to_dict(),
+        },
+        "ratio": {"requested": recipe.prune.ratio, "achieved": round(shape.ratio_achieved, 6)},
+    }

@@ -1,0 +1,208 @@
+"""Recipes: the typed, validated description of one experiment.
+
+First stage of the pipeline. `load_recipe(path, overrides)` reads YAML, applies `key.path=value`
+overrides, validates everything against the schema below (unknown keys rejected) and against the
+chosen pruner's own options schema, and raises `RecipeError` listing every problem at once with its
+key path. Nothing downstream ever sees a raw dict.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from hfprune.pruners import PRUNERS, UnknownPrunerError, get_pruner
+
+
+class RecipeError(ValueError):
+    """An invalid recipe; `problems` holds (key path, message) pairs, all of them at once."""
+
+    def __init__(self, source: str, problems: list[tuple[str, str]]):
+        self.source = source
+        self.problems = problems
+        lines = "\n".join(f"  {path or '<root>'}: {msg}" for path, msg in problems)
+        super().__init__(f"{source}: {len(problems)} problem(s)\n{lines}")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DatasetSpec(_Strict):
+    """`datasets.load_dataset` arguments plus the column holding text.
+
+    `path` also accepts `hfprune:pydoc_topics`, the Python documentation that ships with every
+    interpreter, so recipes work with no download at all.
+    """
+
+    path: str
+    name: str | None = None
+    split: str = "train"
+    data_files: str | list[str] | dict[str, str | list[str]] | None = None
+    streaming: bool = False
+    text_field: str = "text"
+
+
+def _default_dataset(split: str) -> DatasetSpec:
+    return DatasetSpec(path="hfprune:pydoc_topics", split=split)
+
+
+class ParentSpec(_Strict):
+    model: str = Field(description="Hub repo id or local directory")
+    revision: str | None = None
+    gguf_file: str | None = Field(default=None, description="GGUF file inside `model`, dequantized on load")
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
+    trust_remote_code: bool = False
+    hub_id: str | None = Field(
+        default=None, description="Hub id recorded as `base_model` in cards when `model` is a local path"
+    )
+
+
+class PruneSpec(_Strict):
+    method: str
+    ratio: float = Field(gt=0, lt=1, description="fraction of non-embedding parameters (or weights) removed")
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, method: str) -> str:
+        try:
+            get_pruner(method)
+        except UnknownPrunerError as err:
+            raise ValueError(str(err)) from None
+        return method
+
+
+class CalibrationSpec(_Strict):
+    dataset: DatasetSpec = Field(default_factory=lambda: _default_dataset("train"))
+    num_samples: int = Field(default=32, gt=0)
+    seq_len: int = Field(default=512, gt=1)
+    batch_size: int = Field(default=1, gt=0)
+
+
+class PerplexitySpec(_Strict):
+    name: str
+    dataset: DatasetSpec
+    seq_len: int = Field(default=512, gt=1)
+    max_windows: int | None = Field(default=64, gt=0)
+
+
+class EvalSpec(_Strict):
+    perplexity: list[PerplexitySpec] = Field(
+        default_factory=lambda: [PerplexitySpec(name="pydoc", dataset=_default_dataset("test"))]
+    )
+    batch_size: int = Field(default=4, gt=0)
+
+
+class Recipe(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    output_dir: str | None = None
+    seed: int = 0
+    parent: ParentSpec
+    prune: PruneSpec
+    calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
+    eval: EvalSpec = Field(default_factory=EvalSpec)
+
+    @property
+    def output_path(self) -> Path:
+        return Path(self.output_dir or f"runs/{self.name}")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+    def fingerprint(self, *sections: str) -> str:
+        """A short hash of the named top-level sections: a stage's inputs, for skip-on-rerun."""
+        data = {key: self.model_dump(mode="json")[key] for key in sections}
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read, override and validate a recipe; raise `RecipeError` with every problem found."""
+    source = str(path)
+    try:
+        raw = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise RecipeError(source, [("", "file not found")]) from None
+    except yaml.YAMLError as err:
+        raise RecipeError(source, [("", f"not valid YAML: {err}")]) from None
+    if not isinstance(raw, dict):
+        raise RecipeError(source, [("", "a recipe must be a YAML mapping")])
+    problems = apply_overrides(raw, overrides)
+    return validate_recipe(raw, source, problems)
+
+
+def validate_recipe(
+    raw: dict[str, Any], source: str, problems: list[tuple[str, str]] | None = None
+) -> Recipe:
+    problems = list(problems or [])
+    recipe = None
+    try:
+        recipe = Recipe.model_validate(raw)
+    except ValidationError as err:
+        problems += [(_path(e["loc"]), _message(e)) for e in err.errors()]
+    problems += _pruner_problems(raw.get("prune"))
+    if problems:
+        raise RecipeError(source, problems)
+    assert recipe is not None
+    return recipe
+
+
+def _pruner_problems(prune: Any) -> list[tuple[str, str]]:
+    """Validate `prune.options` with the method's own schema, even when other keys are wrong."""
+    if not isinstance(prune, dict) or prune.get("method") not in PRUNERS:
+        return []
+    pruner_cls = PRUNERS[prune["method"]]
+    problems = pruner_cls.options_problems(prune.get("options") or {})
+    ratio = prune.get("ratio")
+    if not problems and isinstance(ratio, int | float) and 0 < ratio < 1:
+        message = pruner_cls(pruner_cls.Options(**(prune.get("options") or {}))).ratio_problem(float(ratio))
+        if message:
+            problems.append(("ratio", message))
+    return [(f"prune.{path}", msg) for path, msg in problems]
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> list[tuple[str, str]]:
+    """Set `key.path=value` overrides in place; values are typed by the schema (strings stay strings)."""
+    problems = []
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            problems.append((item, "an override must look like key.path=value"))
+            continue
+        parts = key.split(".")
+        node = raw
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                problems.append((key, f"{part} is not a section"))
+                break
+            node = child
+        else:
+            node[parts[-1]] = text if _is_string_field(parts) else yaml.safe_load(text)
+    return problems
+
+
+def _is_string_field(parts: list[str]) -> bool:
+    model: Any = Recipe
+    for part in parts:
+        fields = getattr(model, "model_fields", None)
+        if not fields or part not in fields:
+            return False
+        model = fields[part].annotation
+    return model is str or model == (str | None)
+
+
+def _path(loc: tuple[Any, ...]) -> str:
+    # pydantic adds the union member it tried ('str', 'list[str]'); users only care about their keys.
+    return ".".join(str(p) for p in loc if not (isinstance(p, str) and ("[" in p or p in {"str", "int"})))
+
+
+def _message(error: dict[str, Any]) -> str:
+    if error["type"] == "extra_forbidden":
+        return "unknown key"
+    return error["msg"].removeprefix("Value error, ")
