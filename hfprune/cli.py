@@ -36,8 +36,9 @@ def _run_errors() -> tuple[type[BaseException], ...]:
     from hfprune.hub import ParentLoadError
     from hfprune.modeling import UnsupportedArchitectureError
     from hfprune.outputs import OutputError
+    from hfprune.pruners.base import ShapeError
 
-    return (ParentLoadError, DatasetError, UnsupportedArchitectureError, OutputError)
+    return (ParentLoadError, DatasetError, UnsupportedArchitectureError, OutputError, ShapeError)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

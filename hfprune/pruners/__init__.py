@@ -56,7 +56,7 @@ def get_pruner(name: str) -> type[Pruner]:
         ) from None
 
 
-from hfprune.pruners import depth  # noqa: E402  (registration happens on import)
+from hfprune.pruners import depth, sparse, width  # noqa: E402  (registration happens on import)
 
 
 __all__ = [
@@ -68,6 +68,8 @@ __all__ = [
     "TargetShape",
     "UnknownPrunerError",
     "depth",
+    "sparse",
+    "width",
     "get_pruner",
     "register_pruner",
 ]

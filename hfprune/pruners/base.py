@@ -27,6 +27,10 @@ class Granularity(StrEnum):
     SPARSE = "sparse"
 
 
+class ShapeError(ValueError):
+    """A ratio that no legal shape of this parent reaches; the message names the nearest one."""
+
+
 class PrunerOptions(BaseModel):
     """Base of each pruner's `Options` schema: strict, immutable, validated from `prune.options`."""
 

@@ -1,0 +1,1 @@
+"""Sparse pruners (being written)."""
