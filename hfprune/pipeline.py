@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import shlex
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,7 +59,8 @@ class Run:
         self.recipe = recipe
         self.out = recipe.output_path
         self.force = force
-        self.command = command or shlex.join(["hfprune", *sys.argv[1:]])
+        # The resolved recipe reproduces the run exactly, whatever overrides produced it.
+        self.command = command or shlex.join(["hfprune", "run", str(self.out / "recipe.yaml")])
         self.ledger = StageLedger(self.out)
         self.pruner = make_pruner(recipe)
         self._parent: Parent | None = None

@@ -167,7 +167,10 @@ def _pruner_problems(prune: Any) -> list[tuple[str, str]]:
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> list[tuple[str, str]]:
-    """Set `key.path=value` overrides in place; values are typed by the schema (strings stay strings)."""
+    """Set `key.path=value` overrides in place (`eval.perplexity.0.seq_len` indexes lists).
+
+    Values are typed by the schema: YAML-parsed, except that string fields keep the text as given.
+    """
     problems = []
     for item in overrides:
         key, sep, text = item.partition("=")
@@ -175,16 +178,30 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...])
             problems.append((item, "an override must look like key.path=value"))
             continue
         parts = key.split(".")
-        node = raw
-        for part in parts[:-1]:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                problems.append((key, f"{part} is not a section"))
-                break
-            node = child
+        try:
+            parent = _walk(raw, parts[:-1])
+        except (KeyError, IndexError, TypeError) as err:
+            problems.append((key, f"cannot set this key: {err}"))
+            continue
+        value = text if _is_string_field(parts) else yaml.safe_load(text)
+        if isinstance(parent, list):
+            parent[int(parts[-1])] = value
         else:
-            node[parts[-1]] = text if _is_string_field(parts) else yaml.safe_load(text)
+            parent[parts[-1]] = value
     return problems
+
+
+def _walk(node: Any, parts: list[str]) -> Any:
+    for part in parts:
+        if isinstance(node, list):
+            node = node[int(part)]
+        elif isinstance(node, dict):
+            node = node.setdefault(part, {})
+        else:
+            raise TypeError(f"{part!r} is inside a value that is not a section")
+    if not isinstance(node, dict | list):
+        raise TypeError("the parent key is not a section")
+    return node
 
 
 def _is_string_field(parts: list[str]) -> bool:

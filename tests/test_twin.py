@@ -1,0 +1,117 @@
+"""make_scratch_twin: same architecture and size, fresh and reproducible weights, masks and ties kept."""
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from hfprune.twin import make_scratch_twin
+
+
+def pruned_llama(tie: bool = False) -> LlamaForCausalLM:
+    """Stands in for a pruned model: a non-default shape and weights unlike a fresh init (norms too)."""
+    config = LlamaConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=64,
+        tie_word_embeddings=tie,
+    )
+    torch.manual_seed(123)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.uniform_(-0.5, 0.5)
+    return model
+
+
+def sparse_masks(model: LlamaForCausalLM) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    masks = {
+        name: torch.rand(p.shape, generator=gen) < 0.4
+        for name, p in model.named_parameters()
+        if ".layers." in name and p.ndim == 2
+    }
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, keep in masks.items():
+            params[name].masked_fill_(~keep, 0)
+    return masks
+
+
+def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    return all(
+        torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True)
+    )
+
+
+def test_twin_has_the_same_architecture_and_fresh_reproducible_weights():
+    pruned = pruned_llama()
+    twin = make_scratch_twin(pruned, seed=0)
+    assert type(twin) is type(pruned)
+    assert twin.config.to_dict() == pruned.config.to_dict()
+    assert sum(p.numel() for p in twin.parameters()) == sum(p.numel() for p in pruned.parameters())
+    assert twin.state_dict().keys() == pruned.state_dict().keys()
+    for (name, fresh), old in zip(twin.state_dict().items(), pruned.state_dict().values(), strict=True):
+        assert fresh.shape == old.shape and not torch.equal(fresh, old), name
+    # The model's own initialiser: std initializer_range for matrices, ones for RMSNorm weights.
+    assert twin.model.layers[0].mlp.up_proj.weight.std().item() == pytest.approx(0.02, rel=0.1)
+    assert bool(twin.model.norm.weight.eq(1).all())
+
+    assert same_weights(twin, make_scratch_twin(pruned, seed=0))
+    assert not same_weights(twin, make_scratch_twin(pruned, seed=1))
+
+
+def test_twin_leaves_the_global_rng_alone_and_follows_dtype():
+    pruned = pruned_llama().to(torch.bfloat16)
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    twin = make_scratch_twin(pruned, seed=0)
+    assert torch.equal(torch.rand(3), expected)
+    assert twin.dtype == torch.bfloat16
+    # Generated in float32 first, so a bf16 twin is the rounded float32 twin.
+    fp32 = make_scratch_twin(pruned_llama(), seed=0)
+    assert torch.equal(twin.lm_head.weight, fp32.lm_head.weight.to(torch.bfloat16))
+
+
+def test_sparse_twin_keeps_the_mask_and_reinitialises_survivors():
+    pruned = pruned_llama()
+    masks = sparse_masks(pruned)
+    twin = make_scratch_twin(pruned, seed=0, masks=masks)
+    params, old = dict(twin.named_parameters()), dict(pruned.named_parameters())
+    for name, keep in masks.items():
+        assert torch.count_nonzero(params[name][~keep]) == 0, name
+        assert bool(params[name][keep].ne(0).all()), name
+        assert not torch.equal(params[name][keep], old[name][keep]), name
+    with pytest.raises(KeyError, match=r"model\.layers\.9"):
+        make_scratch_twin(
+            pruned, seed=0, masks={"model.layers.9.mlp.up_proj.weight": masks[next(iter(masks))]}
+        )
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_embeddings_and_norms_switch_and_ties(tie):
+    pruned = pruned_llama(tie=tie)
+    fresh = make_scratch_twin(pruned, seed=0)
+    kept = make_scratch_twin(pruned, seed=0, reinit_embeddings_and_norms=False)
+    for twin in (fresh, kept):
+        assert (twin.lm_head.weight is twin.model.embed_tokens.weight) is tie
+    assert not torch.equal(fresh.model.embed_tokens.weight, pruned.model.embed_tokens.weight)
+    assert torch.equal(kept.model.embed_tokens.weight, pruned.model.embed_tokens.weight)
+    assert torch.equal(kept.model.norm.weight, pruned.model.norm.weight)
+    assert torch.equal(
+        kept.model.layers[2].input_layernorm.weight, pruned.model.layers[2].input_layernorm.weight
+    )
+    # Linear layers are re-initialised either way, the same as in the fully fresh twin.
+    assert torch.equal(
+        kept.model.layers[0].self_attn.q_proj.weight, fresh.model.layers[0].self_attn.q_proj.weight
+    )
+    assert not torch.equal(
+        kept.model.layers[0].self_attn.q_proj.weight, pruned.model.layers[0].self_attn.q_proj.weight
+    )
+    if not tie:
+        assert not torch.equal(kept.lm_head.weight, pruned.lm_head.weight)
