@@ -30,16 +30,49 @@ def atomic_dir(target: Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         yield tmp
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        if target.exists():
-            target.rename(old)
-        tmp.rename(target)
-        shutil.rmtree(old, ignore_errors=True)
+        replace_dir(tmp, target)
     except OSError as err:
         shutil.rmtree(tmp, ignore_errors=True)
         raise _output_error(target, err) from err
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def replace_dir(source: Path, target: Path) -> None:
+    """Move `source` to `target`, replacing any previous `target` with renames only."""
+    old = target.with_name(f".{target.name}.old-{os.getpid()}")
+    if target.exists():
+        target.rename(old)
+    source.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def distributed_staging_dir(target: Path) -> Iterator[Path]:
+    """Like `atomic_dir`, with a staging path every process agrees on (collective saves write into it).
+
+    Only the main process creates, publishes or removes it; callers synchronise around collective work.
+    """
+    from hfprune import distributed
+
+    staging = target.with_name(f".{target.name}.staging")
+    if distributed.is_main_process():
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+    distributed.barrier()
+    try:
+        yield staging
+        distributed.barrier()
+        if distributed.is_main_process():
+            replace_dir(staging, target)
+    except OSError as err:
+        if distributed.is_main_process():
+            shutil.rmtree(staging, ignore_errors=True)
+        raise _output_error(target, err) from err
+    except BaseException:
+        if distributed.is_main_process():
+            shutil.rmtree(staging, ignore_errors=True)
         raise
 
 
@@ -78,7 +111,12 @@ class StageLedger:
 
     def __init__(self, output_dir: Path):
         self.path = output_dir / ".hfprune" / "stages.json"
-        self.entries: dict[str, str] = read_json(self.path, {})
+        self.entries: dict[str, str] = {}
+        self.reload()
+
+    def reload(self) -> None:
+        """Re-read the ledger (another process may have recorded stages since)."""
+        self.entries = read_json(self.path, {})
 
     def is_current(self, stage: str, fingerprint: str, *outputs: Path) -> bool:
         return self.entries.get(stage) == fingerprint and all(p.exists() for p in outputs)

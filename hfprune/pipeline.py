@@ -11,27 +11,38 @@ from __future__ import annotations
 import hashlib
 import logging
 import shlex
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from hfprune import __version__
+from hfprune import __version__, distributed
 from hfprune.cards import render_pruned_card
 from hfprune.data import calibration_tokens
 from hfprune.eval import evaluation_windows, perplexity
 from hfprune.hub import Parent, load_parent, load_parent_config, parent_license
 from hfprune.modeling import count_config_parameters, count_parameters
-from hfprune.outputs import StageLedger, atomic_dir, read_json, write_json, write_text
+from hfprune.outputs import (
+    StageLedger,
+    atomic_dir,
+    distributed_staging_dir,
+    read_json,
+    write_json,
+    write_text,
+)
 from hfprune.pruners import Pruner, get_pruner
 from hfprune.recipe import Recipe
+from hfprune.training import save_trained, train_model, training_work_dir
+from hfprune.twin import make_scratch_twin
 
 
 logger = logging.getLogger(__name__)
 
-STAGES = ("parent_eval", "prune", "pruned_eval", "card")
 STOP_AFTER = {"prune": ("prune", "card")}
+MASKS_FILE = "sparsity_masks.safetensors"
 
 
 @dataclass
@@ -65,6 +76,15 @@ class Run:
         self.pruner = make_pruner(recipe)
         self._parent: Parent | None = None
         self._pruned: PreTrainedModel | None = None
+        self._trained: dict[str, PreTrainedModel] = {}
+
+    def stages(self, stop_after: str | None = None) -> tuple[str, ...]:
+        """The stages of this recipe, in order; a recipe without `train` trains nothing."""
+        if stop_after:
+            return STOP_AFTER[stop_after]
+        runs = self.recipe.train.runs if self.recipe.train else []
+        trained = tuple(stage for run in runs for stage in (f"train_{run}", f"{run}_eval"))
+        return ("parent_eval", "prune", "pruned_eval", *trained, "card")
 
     # -- paths and fingerprints -------------------------------------------------------------
     @property
@@ -75,13 +95,21 @@ class Run:
     def metrics_path(self) -> Path:
         return self.out / "metrics.json"
 
+    def model_dir(self, run: str) -> Path:
+        return self.out / "models" / run
+
     def fingerprint(self, stage: str) -> str:
         r = self.recipe
         prune = r.fingerprint("parent", "prune", "calibration", "seed")
+        train = f"{prune}-{r.fingerprint('train')}"
         return {
             "parent_eval": r.fingerprint("parent", "eval"),
             "prune": prune,
             "pruned_eval": f"{prune}-{r.fingerprint('eval')}",
+            "train_continued": train,
+            "train_scratch": train,
+            "continued_eval": f"{train}-{r.fingerprint('eval')}",
+            "scratch_eval": f"{train}-{r.fingerprint('eval')}",
             # The card shows the scores, so it is stale whenever metrics.json changed.
             "card": f"{prune}-{r.fingerprint('name', 'eval', 'output_dir')}-{_file_hash(self.metrics_path)}",
         }[stage]
@@ -89,25 +117,45 @@ class Run:
     def outputs(self, stage: str) -> tuple[Path, ...]:
         if stage in {"prune", "card"}:
             return (self.pruned_dir / "model.safetensors", self.pruned_dir / "prune_report.json")
+        if stage.startswith("train_"):
+            folder = self.model_dir(stage.removeprefix("train_"))
+            return (folder / "model.safetensors", folder / "training_report.json")
         return (self.metrics_path,)
 
     # -- orchestration ----------------------------------------------------------------------
     def execute(self, stop_after: str | None = None) -> RunSummary:
-        stages = STOP_AFTER.get(stop_after, STAGES) if stop_after else STAGES
+        """Run every stage that is not up to date.
+
+        Under torchrun every process walks the same list; training stages run on all of them, every
+        other stage on the main process only while the others wait, and only the main process writes.
+        """
         summary = RunSummary(self.out)
-        for stage in stages:
+        for stage in self.stages(stop_after):
+            distributed.barrier()
+            self.ledger.reload()
             fingerprint = self.fingerprint(stage)
             if not self.force and self.ledger.is_current(stage, fingerprint, *self.outputs(stage)):
                 logger.info("stage %s: up to date, skipped", stage)
                 summary.outcomes.append(StageOutcome(stage, ran=False))
                 continue
-            logger.info("stage %s: running", stage)
-            getattr(self, f"stage_{stage}")()
-            write_text(self.out / "recipe.yaml", self.recipe.to_yaml())
-            self.ledger.record(stage, fingerprint)
+            if distributed.is_main_process() or stage.startswith("train_"):
+                logger.info("stage %s: running", stage)
+                self._run_stage(stage)
+            if distributed.is_main_process():
+                write_text(self.out / "recipe.yaml", self.recipe.to_yaml())
+                self.ledger.record(stage, fingerprint)
             summary.outcomes.append(StageOutcome(stage, ran=True))
+        distributed.barrier()
         summary.metrics = read_json(self.metrics_path, {})
         return summary
+
+    def _run_stage(self, stage: str) -> None:
+        if stage.startswith("train_"):
+            self.stage_train(stage.removeprefix("train_"))
+        elif stage in {"continued_eval", "scratch_eval"}:
+            self.stage_trained_eval(stage.removesuffix("_eval"))
+        else:
+            getattr(self, f"stage_{stage}")()
 
     @property
     def parent(self) -> Parent:
@@ -135,12 +183,54 @@ class Run:
         with atomic_dir(self.pruned_dir) as tmp:
             result.model.save_pretrained(tmp)
             parent.tokenizer.save_pretrained(tmp)
+            if result.masks:
+                from hfprune.masks import save_masks
+
+                save_masks(result.masks, tmp / MASKS_FILE)
             write_json(tmp / "prune_report.json", report)
             self._write_card(tmp, report)
 
     def stage_pruned_eval(self) -> None:
         model = self._pruned or AutoModelForCausalLM.from_pretrained(self.pruned_dir, dtype="auto")
         self._record_metrics("pruned", model, AutoTokenizer.from_pretrained(self.pruned_dir))
+
+    def stage_train(self, run: str) -> None:
+        """Train the pruned model ("continued") or its random-init twin ("scratch") on the budget."""
+        spec = self.recipe.train
+        tokenizer = AutoTokenizer.from_pretrained(self.pruned_dir)
+        # fp32 master weights whatever the checkpoint dtype; bf16 compute comes from train.args.
+        model = AutoModelForCausalLM.from_pretrained(self.pruned_dir, dtype=torch.float32)
+        masks = None
+        if (self.pruned_dir / MASKS_FILE).exists():
+            from hfprune.masks import load_masks
+
+            masks = load_masks(self.pruned_dir / MASKS_FILE)
+        if run == "scratch":
+            model = make_scratch_twin(
+                model,
+                seed=self.recipe.seed,
+                masks=masks,
+                reinit_embeddings_and_norms=spec.reinit_embeddings_and_norms,
+            )
+        work_dir = training_work_dir(self.out / ".hfprune" / "train" / run, self.fingerprint(f"train_{run}"))
+        trainer, outcome = train_model(
+            model, tokenizer, spec, run=run, seed=self.recipe.seed, work_dir=work_dir, masks=masks
+        )
+        with distributed_staging_dir(self.model_dir(run)) as staging:
+            save_trained(trainer, tokenizer, outcome, staging)
+            if masks is not None and distributed.is_main_process():
+                shutil.copyfile(self.pruned_dir / MASKS_FILE, staging / MASKS_FILE)
+        if distributed.is_main_process():
+            metrics = read_json(self.metrics_path, {})
+            metrics[run] = {"tokens_trained": outcome.tokens_trained, "training": outcome.to_dict()}
+            write_json(self.metrics_path, metrics)
+        self._trained[run] = trainer.accelerator.unwrap_model(trainer.model)
+
+    def stage_trained_eval(self, run: str) -> None:
+        model = self._trained.get(run) or AutoModelForCausalLM.from_pretrained(
+            self.model_dir(run), dtype="auto"
+        )
+        self._record_metrics(run, model, AutoTokenizer.from_pretrained(self.model_dir(run)))
 
     def stage_card(self) -> None:
         self._write_card(self.pruned_dir, read_json(self.pruned_dir / "prune_report.json"))
@@ -190,7 +280,7 @@ class Run:
             entry["perplexity"][spec.name] = result.to_dict()
             logger.info("%s perplexity on %s: %.3f", key, spec.name, result.value)
         metrics = read_json(self.metrics_path, {})
-        metrics[key] = entry
+        metrics[key] = {**metrics.get(key, {}), **entry}  # keeps tokens_trained of trained models
         write_json(self.metrics_path, metrics)
 
 
@@ -220,7 +310,7 @@ def describe_plan(recipe: Recipe, stop_after: str | None = None) -> dict[str, An
     runner = Run(recipe)
     config = load_parent_config(recipe.parent)
     shape = runner.pruner.plan(config, recipe.prune.ratio)
-    stages = STOP_AFTER.get(stop_after, STAGES) if stop_after else STAGES
+    stages = runner.stages(stop_after)
     return {
         "output_dir": str(runner.out),
         "stages": {

@@ -8,6 +8,7 @@ key path. Nothing downstream ever sees a raw dict.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 from pathlib import Path
@@ -99,6 +100,67 @@ class EvalSpec(_Strict):
     batch_size: int = Field(default=4, gt=0)
 
 
+# TrainingArguments that hfprune derives itself; a recipe setting them would silently be overridden.
+DERIVED_TRAINING_ARGS = {
+    "output_dir": "set by hfprune under <output_dir>/.hfprune/train",
+    "max_steps": "derived from train.token_budget",
+    "num_train_epochs": "derived from train.token_budget",
+    "lr_scheduler_type": "cosine to a floor, derived from train.token_budget",
+    "lr_scheduler_kwargs": "use train.min_lr_ratio",
+    "warmup_steps": "use train.warmup_ratio",
+    "warmup_ratio": "use train.warmup_ratio",
+    "include_num_input_tokens_seen": "always 'non_padding' (exact token accounting)",
+    "seed": "use the recipe's seed",
+    "data_seed": "use the recipe's seed",
+}
+
+
+class TrainSpec(_Strict):
+    """Continued training of the pruned model and of its random-init twin on the same token stream."""
+
+    runs: list[Literal["continued", "scratch"]] = Field(
+        default_factory=lambda: ["continued", "scratch"], min_length=1
+    )
+    token_budget: int = Field(gt=0, description="tokens each model trains on (summed over processes)")
+    dataset: DatasetSpec = Field(default_factory=lambda: _default_dataset("train"))
+    seq_len: int = Field(default=512, gt=1)
+    skip_tokens: int = Field(default=0, ge=0, description="start the stream after this many tokens")
+    shuffle_buffer: int = Field(default=1000, gt=0)
+    warmup_ratio: float = Field(default=0.05, ge=0, lt=1)
+    min_lr_ratio: float = Field(default=0.1, ge=0, le=1)
+    reinit_embeddings_and_norms: bool = Field(
+        default=True, description="the scratch twin re-initialises embeddings and norms too"
+    )
+    args: dict[str, Any] = Field(default_factory=dict, description="passed to transformers.TrainingArguments")
+
+    @field_validator("runs")
+    @classmethod
+    def _unique_runs(cls, runs: list[str]) -> list[str]:
+        if len(set(runs)) != len(runs):
+            raise ValueError("each run may appear once")
+        return runs
+
+    @field_validator("args")
+    @classmethod
+    def _known_training_args(cls, args: dict[str, Any]) -> dict[str, Any]:
+        import dataclasses
+
+        from transformers import TrainingArguments
+
+        known = {f.name for f in dataclasses.fields(TrainingArguments)}
+        problems = []
+        for key in args:
+            if key in DERIVED_TRAINING_ARGS:
+                problems.append(f"{key!r} cannot be set here ({DERIVED_TRAINING_ARGS[key]})")
+            elif key not in known:
+                close = difflib.get_close_matches(key, known, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                problems.append(f"{key!r} is not a TrainingArguments field{hint}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return args
+
+
 class Recipe(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     output_dir: str | None = None
@@ -107,6 +169,7 @@ class Recipe(_Strict):
     prune: PruneSpec
     calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
     eval: EvalSpec = Field(default_factory=EvalSpec)
+    train: TrainSpec | None = None
 
     @property
     def output_path(self) -> Path:

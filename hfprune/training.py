@@ -1,0 +1,208 @@
+"""The train stage: one model (the pruned one, or its random-init twin) trained on a token budget.
+
+Called by the pipeline once per run in `train.runs`. It builds the packed token stream (identical for
+both runs), derives `TrainingArguments` from the budget (paper defaults, then the recipe's `train.args`,
+then the budget schedule), checks the setup before any step, and trains with `PruneTrainer`, resuming
+from the last complete checkpoint in its work folder. A checkpoint counts as complete only once the
+Trainer has finished writing it (a marker written in `on_save`), so a save cut short is never used.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel, TrainerCallback, TrainingArguments
+
+from hfprune import distributed
+from hfprune.callbacks import PAPER_TRAINING_DEFAULTS, budget_schedule
+from hfprune.data import iter_texts
+from hfprune.packing import PackedTokenStream
+from hfprune.trainer import PruneTrainer
+
+
+logger = logging.getLogger(__name__)
+
+COMPLETE_MARKER = ".hfprune-complete"
+
+
+class TrainingSetupError(ValueError):
+    """The training setup cannot spend the budget as asked; raised before the first step."""
+
+
+@dataclass(frozen=True)
+class TrainOutcome:
+    run: str
+    tokens_trained: int
+    token_budget: int
+    tokens_per_step: int
+    steps: int
+    resumed_from: str | None
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class CheckpointCompleteCallback(TrainerCallback):
+    """Marks a checkpoint folder complete once the Trainer has written all of it."""
+
+    def on_save(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
+        if args.should_save:
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            (folder / COMPLETE_MARKER).write_text(str(state.num_input_tokens_seen))
+
+
+class DataExhaustedGuard(TrainerCallback):
+    """A second pass over the data means it ran out before the budget: stop rather than repeat tokens."""
+
+    def on_epoch_begin(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.epoch and state.epoch >= 1:
+            raise TrainingSetupError(
+                f"the training dataset ran out after {state.num_input_tokens_seen} tokens, before the budget; "
+                "lower train.token_budget or train.skip_tokens, or use a larger dataset"
+            )
+
+
+def training_arguments(spec: Any, seed: int, work_dir: Path) -> tuple[TrainingArguments, int]:
+    """The TrainingArguments of a run and the tokens in one optimizer step (global batch x seq_len)."""
+    user = dict(spec.args)
+    per_device = int(user.get("per_device_train_batch_size", 8))
+    accumulation = int(user.get("gradient_accumulation_steps", 1))
+    tokens_per_step = per_device * accumulation * distributed.world_size() * spec.seq_len
+    if spec.token_budget < tokens_per_step:
+        raise TrainingSetupError(
+            f"train.token_budget {spec.token_budget} is smaller than one global batch ({tokens_per_step} tokens = "
+            f"{per_device} per device x {accumulation} accumulation x {distributed.world_size()} processes x "
+            f"{spec.seq_len} seq_len)"
+        )
+    schedule = budget_schedule(spec.token_budget, tokens_per_step, spec.warmup_ratio, spec.min_lr_ratio)
+    defaults = {
+        **PAPER_TRAINING_DEFAULTS,
+        "per_device_train_batch_size": per_device,
+        "logging_steps": max(1, schedule["max_steps"] // 20),
+        "save_strategy": "steps",
+        "save_steps": max(1, schedule["max_steps"] // 4),
+        "save_total_limit": 2,
+        "report_to": [],
+        "use_cpu": not torch.cuda.is_available(),
+        "dataloader_drop_last": True,
+        "ddp_find_unused_parameters": False,
+    }
+    values = {**defaults, **user, **schedule, "seed": seed, "data_seed": seed}
+    values["include_num_input_tokens_seen"] = "non_padding"
+    return TrainingArguments(output_dir=str(work_dir / "checkpoints"), **values), tokens_per_step
+
+
+def training_work_dir(folder: Path, fingerprint: str) -> Path:
+    """The folder holding a run's checkpoints; emptied when they belong to different training inputs."""
+    stamp = folder / "inputs.txt"
+    if distributed.is_main_process():
+        if folder.exists() and (not stamp.exists() or stamp.read_text() != fingerprint):
+            logger.info("discarding checkpoints in %s: the training inputs changed", folder)
+            shutil.rmtree(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        stamp.write_text(fingerprint)
+    distributed.barrier()
+    return folder
+
+
+def last_complete_checkpoint(checkpoints: Path) -> Path | None:
+    """The newest checkpoint with its completion marker; incomplete ones are deleted (rank 0)."""
+    if not checkpoints.is_dir():
+        return None
+    found = sorted(
+        (p for p in checkpoints.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
+        key=lambda p: int(p.name.split("-")[-1]),
+    )
+    complete = [p for p in found if (p / COMPLETE_MARKER).is_file()]
+    if distributed.is_main_process():
+        for partial in set(found) - set(complete):
+            logger.warning("removing incomplete checkpoint %s (its save was interrupted)", partial)
+            shutil.rmtree(partial, ignore_errors=True)
+    return complete[-1] if complete else None
+
+
+def check_dataset_covers_budget(stream: PackedTokenStream, needed_tokens: int) -> None:
+    """Fail before training when a finite (non-streaming) dataset holds fewer tokens than the run needs."""
+    blocks_needed = -(-needed_tokens // stream.seq_len)
+    available = 0
+    for available, _ in enumerate(stream.blocks(), start=1):
+        if available >= blocks_needed:
+            return
+    raise TrainingSetupError(
+        f"the training dataset has {available * stream.seq_len} tokens after skip_tokens, but the budget needs "
+        f"{needed_tokens} ({blocks_needed} blocks of {stream.seq_len}); lower train.token_budget or use more data"
+    )
+
+
+def train_model(
+    model: PreTrainedModel,
+    tokenizer: Any,
+    spec: Any,
+    *,
+    run: str,
+    seed: int,
+    work_dir: Path,
+    masks: dict[str, torch.Tensor] | None = None,
+) -> tuple[PruneTrainer, TrainOutcome]:
+    """Train `model` on `spec.token_budget` tokens, resuming from `work_dir` when a checkpoint is there."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and spec.seq_len > limit:
+        raise TrainingSetupError(
+            f"train.seq_len {spec.seq_len} exceeds the model's limit of {limit} positions"
+        )
+    args, tokens_per_step = training_arguments(spec, seed, work_dir)
+    stream = PackedTokenStream(
+        lambda: iter_texts(spec.dataset),
+        tokenizer,
+        spec.seq_len,
+        skip_tokens=spec.skip_tokens,
+        seed=seed,
+        shuffle_buffer=spec.shuffle_buffer,
+    )
+    if not spec.dataset.streaming:
+        check_dataset_covers_budget(stream, args.max_steps * tokens_per_step)
+    resume = last_complete_checkpoint(work_dir / "checkpoints")
+    trainer = PruneTrainer(
+        model=model,
+        args=args,
+        train_dataset=stream,
+        token_budget=spec.token_budget,
+        masks=masks,
+        callbacks=[CheckpointCompleteCallback(), DataExhaustedGuard()],
+    )
+    start = time.perf_counter()
+    if resume:
+        logger.info("%s: resuming from %s", run, resume)
+    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    outcome = TrainOutcome(
+        run=run,
+        tokens_trained=int(trainer.state.num_input_tokens_seen),
+        token_budget=spec.token_budget,
+        tokens_per_step=tokens_per_step,
+        steps=trainer.state.global_step,
+        resumed_from=resume.name if resume else None,
+        seconds=round(time.perf_counter() - start, 3),
+    )
+    logger.info("%s: trained on %d tokens in %d steps", run, outcome.tokens_trained, outcome.steps)
+    return trainer, outcome
+
+
+def save_trained(trainer: PruneTrainer, tokenizer: Any, outcome: TrainOutcome, folder: Path) -> None:
+    """Write the trained model (gathered from every process), tokenizer and training report into `folder`.
+
+    Every process must call this (FSDP and DeepSpeed gather shards collectively); only the main process
+    writes files.
+    """
+    trainer.save_model(str(folder))
+    if trainer.args.should_save:
+        tokenizer.save_pretrained(folder)
+        (folder / "training_report.json").write_text(json.dumps(outcome.to_dict(), indent=2) + "\n")
+        (folder / "training_args.bin").unlink(missing_ok=True)
