@@ -37,8 +37,16 @@ def _run_errors() -> tuple[type[BaseException], ...]:
     from hfprune.modeling import UnsupportedArchitectureError
     from hfprune.outputs import OutputError
     from hfprune.pruners.base import ShapeError
+    from hfprune.training import TrainingSetupError
 
-    return (ParentLoadError, DatasetError, UnsupportedArchitectureError, OutputError, ShapeError)
+    return (
+        ParentLoadError,
+        DatasetError,
+        UnsupportedArchitectureError,
+        OutputError,
+        ShapeError,
+        TrainingSetupError,
+    )
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -65,7 +73,7 @@ def _stage_command(name: str, stop_after: str | None, summary: str) -> None:
 
 
 def _execute(recipe: Any, *, force: bool, dry_run: bool, stop_after: str | None) -> None:
-    from hfprune import pipeline
+    from hfprune import distributed, pipeline
 
     try:
         if dry_run:
@@ -75,6 +83,10 @@ def _execute(recipe: Any, *, force: bool, dry_run: bool, stop_after: str | None)
     except _run_errors() as err:
         click.echo(f"error: {err}", err=True)
         sys.exit(1)
+    finally:
+        distributed.shutdown()
+    if not distributed.is_main_process():
+        return
     ran = [o.stage for o in summary.outcomes if o.ran]
     skipped = [o.stage for o in summary.outcomes if not o.ran]
     click.echo(
