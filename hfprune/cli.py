@@ -46,7 +46,16 @@ def _run_errors() -> tuple[type[BaseException], ...]:
         OutputError,
         ShapeError,
         TrainingSetupError,
+        *_publish_errors(),
     )
+
+
+def _publish_errors() -> tuple[type[BaseException], ...]:
+    from hfprune.cards import CardError
+    from hfprune.hub import PushError
+    from hfprune.lmeval import LmEvalError
+
+    return (PushError, CardError, LmEvalError)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -167,3 +176,63 @@ def assets(directory: str) -> None:
 
     for name, path in fetch_all(Path(directory)).items():
         click.echo(f"{name:<12} {path}")
+
+
+def _load_output(output_dir: str, overrides: tuple[str, ...]) -> Any:
+    """The resolved recipe of an existing run, pointed at OUTPUT_DIR wherever the folder now lives."""
+    path = Path(output_dir) / "recipe.yaml"
+    if not path.is_file():
+        click.echo(f"error: {path} does not exist: OUTPUT_DIR must be the output folder of a run", err=True)
+        sys.exit(2)
+    recipe = _load(str(path), overrides)
+    if recipe.output_path.resolve() != Path(output_dir).resolve():
+        recipe = _load(str(path), (*overrides, f"output_dir={output_dir}"))
+    return recipe
+
+
+@main.command(
+    help=f"""Publish the models of an existing run to the Hub.
+
+Reads OUTPUT_DIR/recipe.yaml (the resolved recipe): `<push.repo_prefix>` gets the continued model,
+`-scratch` its random-init twin, `-pruned` the one-shot model (with push.include_pruned, or when
+nothing was trained). Unchanged models make no new commit; the commits are recorded in metrics.json.
+The token comes from HF_TOKEN or `hf auth login`. {OVERRIDES_HELP}"""
+)
+@click.argument("output_dir", type=click.Path(file_okay=False))
+@click.argument("overrides", nargs=-1)
+def push(output_dir: str, overrides: tuple[str, ...]) -> None:
+    from hfprune import pipeline
+
+    recipe = _load_output(output_dir, overrides)
+    if not recipe.push.repo_prefix:
+        click.echo(
+            f"error: push.repo_prefix is not set in {output_dir}/recipe.yaml: pass push.repo_prefix=org/name",
+            err=True,
+        )
+        sys.exit(2)
+    try:
+        results = pipeline.publish(recipe)
+    except _run_errors() as err:
+        click.echo(f"error: {err}", err=True)
+        sys.exit(1)
+    for kind, result in results.items():
+        state = "new commit" if result.new_commit else "unchanged"
+        click.echo(f"{kind:<10} {result.repo_id:<40} {state:<10} {result.commit_url}")
+
+
+@main.command()
+@click.argument("output_dir", type=click.Path(file_okay=False))
+@click.argument("overrides", nargs=-1)
+def card(output_dir: str, overrides: tuple[str, ...]) -> None:
+    """Re-render the model cards of an existing run (README.md in each models/ folder) from its
+    metrics.json and OUTPUT_DIR/recipe.yaml, e.g. after editing the templates."""
+    from hfprune import pipeline
+
+    recipe = _load_output(output_dir, overrides)
+    try:
+        paths = pipeline.render_cards(recipe)
+    except _run_errors() as err:
+        click.echo(f"error: {err}", err=True)
+        sys.exit(1)
+    for path in paths:
+        click.echo(str(path))

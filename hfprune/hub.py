@@ -1,20 +1,30 @@
-"""The network seam: every byte hfprune reads from (or later writes to) the Hub passes through here.
+"""The network seam: every byte hfprune reads from or writes to the Hub passes through here.
 
 `load_parent` turns a `parent` spec (Hub repo id or local directory, optionally a GGUF file inside
-it) into an ordinary float `LlamaForCausalLM` and its tokenizer. Tokens come from the environment or
-the `hf auth login` cache through huggingface_hub itself and are never read or stored here. Weights
-load from safetensors only; remote code runs only when the recipe asks for it.
+it) into an ordinary float `LlamaForCausalLM` and its tokenizer. Weights load from safetensors only;
+remote code runs only when the recipe asks for it.
+
+`push_folder` publishes one model folder (the last stage, and `hfprune push`): create the repo if
+missing, upload as one commit, retry with backoff. Tokens come from the environment or the
+`hf auth login` cache through huggingface_hub itself; nothing here stores, logs or formats them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+from huggingface_hub.errors import (
+    HfHubHTTPError,
+    LocalEntryNotFoundError,
+    OfflineModeIsEnabled,
+    RepositoryNotFoundError,
+)
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
 
 from hfprune.modeling import check_supported
@@ -126,3 +136,137 @@ def _gguf_license(path: Path) -> str | None:
     if field is None:
         return None
     return bytes(field.parts[field.data[0]]).decode("utf-8", errors="replace")
+
+
+# -- publishing -------------------------------------------------------------------------------------
+# Repo of each model of a run, relative to push.repo_prefix: the continued model is the headline one.
+REPO_SUFFIXES = {"continued": "", "scratch": "-scratch", "pruned": "-pruned"}
+# Answers worth retrying: timeouts, conflicts with a concurrent commit (412), rate limits, server errors.
+RETRY_STATUSES = {408, 409, 412, 425, 429, 500, 502, 503, 504}
+RETRY_BACKOFF_SECONDS = 2.0
+
+
+class PushError(RuntimeError):
+    """Publishing failed; the local outputs are untouched and the message says how to retry."""
+
+
+@dataclass(frozen=True)
+class PushResult:
+    repo_id: str
+    url: str
+    commit: str
+    commit_url: str
+    new_commit: bool  # False when the repo already held exactly these files
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def repo_id_for(prefix: str, kind: str) -> str:
+    return f"{prefix}{REPO_SUFFIXES[kind]}"
+
+
+def published_kinds(include_pruned: bool, available: list[str]) -> list[str]:
+    """The models of a run that get a repo. Without trained models the one-shot pruned model is the
+    only result, so it is published whatever `include_pruned` says."""
+    trained = [kind for kind in ("continued", "scratch") if kind in available]
+    pruned = ["pruned"] if "pruned" in available and (include_pruned or not trained) else []
+    return trained + pruned
+
+
+def push_folder(
+    folder: Path,
+    repo_id: str,
+    *,
+    private: bool,
+    commit_message: str,
+    commit_description: str = "",
+    retries: int = 3,
+    retry_hint: str = "run the push again",
+) -> PushResult:
+    """Create `repo_id` if missing and upload `folder` as one commit; unchanged files make no commit.
+
+    huggingface_hub's folder upload retries a failed commit POST itself; after an answer lost on its
+    way back, such a retry would commit the same files twice, unless the commit is pinned to the head
+    it was built on. So every attempt pins `parent_commit` to the head it read: a commit that landed
+    makes the retry fail (412) instead, and the next attempt here re-reads the head, finds the files
+    already there and commits nothing. Attempts are repeated with exponential backoff.
+    """
+    from huggingface_hub import HfApi, constants, get_token
+
+    if not get_token():
+        raise PushError(
+            f"no Hugging Face token for {repo_id}: set HF_TOKEN or run `hf auth login`, then {retry_hint}"
+        )
+    api = HfApi()
+    heads: list[str] = []  # the branch head each attempt started from
+    for attempt in range(retries + 1):
+        try:
+            return _push_once(api, folder, repo_id, private, commit_message, commit_description, heads)
+        except Exception as err:  # classified by _failure; anything that is not a Hub failure re-raises
+            reason = _failure(err, constants.ENDPOINT)
+            if reason is None:
+                raise
+            fatal, text = reason
+            if fatal or attempt == retries:
+                tries = f" after {attempt + 1} attempts" if attempt else ""
+                raise PushError(
+                    f"pushing {folder} to {repo_id} failed{tries}: {text}; the local outputs are intact, {retry_hint}"
+                ) from None
+            wait = RETRY_BACKOFF_SECONDS * 2**attempt
+            logger.warning(
+                "push to %s failed (%s); retry %d of %d in %.0f s", repo_id, text, attempt + 1, retries, wait
+            )
+            time.sleep(wait)
+    raise AssertionError("unreachable")
+
+
+def _push_once(
+    api: Any, folder: Path, repo_id: str, private: bool, message: str, description: str, heads: list[str]
+) -> PushResult:
+    url = api.create_repo(repo_id, private=private, exist_ok=True)
+    info = api.model_info(repo_id)
+    heads.append(info.sha)
+    if info.private != private:
+        logger.warning(
+            "%s exists and is %s; its visibility is left as it is", repo_id, _visibility(info.private)
+        )
+    commit = api.upload_folder(
+        folder_path=folder,
+        repo_id=repo_id,
+        commit_message=message,
+        commit_description=description,
+        parent_commit=info.sha,
+    )
+    # Measured against the first head seen: a commit of an earlier attempt whose answer was lost is new too.
+    result = PushResult(repo_id, str(url), commit.oid, commit.commit_url, new_commit=commit.oid != heads[0])
+    logger.info(
+        "%s: %s", repo_id, commit.commit_url if result.new_commit else "already up to date, no new commit"
+    )
+    return result
+
+
+def _failure(err: Exception, endpoint: str) -> tuple[bool, str] | None:
+    """(fatal, what to tell the user) for a Hub failure, or None for an error that is not one."""
+    import httpx2  # huggingface_hub's HTTP client: raises its transport errors unwrapped
+
+    if isinstance(err, OfflineModeIsEnabled):
+        return True, "HF_HUB_OFFLINE is set, which forbids every Hub request: unset it to publish"
+    if isinstance(err, HfHubHTTPError) and err.response is not None:
+        status = err.response.status_code
+        if status in (401, 403):
+            return True, (
+                f"the Hub at {endpoint} rejected the token (HTTP {status}): set HF_TOKEN to a token with write "
+                "access to this namespace, or run `hf auth login`"
+            )
+        return status not in RETRY_STATUSES, f"HTTP {status} from {endpoint}: {str(err).splitlines()[0]}"
+    if isinstance(err, httpx2.TransportError | ConnectionError | TimeoutError):
+        return (
+            False,
+            f"cannot reach the Hub at {endpoint} ({type(err).__name__}: {err}); check HF_ENDPOINT and the network",
+        )
+    return None
+
+
+def _visibility(private: bool | None) -> str:
+    return "private" if private else "public"

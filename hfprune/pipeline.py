@@ -1,4 +1,5 @@
-"""The only module that orders stages: recipe -> parent -> calibration -> pruned model -> eval -> card.
+"""The only module that orders stages: recipe -> parent -> calibration -> pruned model -> train -> eval
+-> cards -> push.
 
 Each stage declares the fingerprint of its inputs and the outputs it owns; `Run` executes the stages
 in order, skips those whose inputs have not changed since they last finished (unless forced), and
@@ -9,6 +10,7 @@ the contract in DESIGN.md: `recipe.yaml`, `models/pruned/`, `metrics.json`.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import shlex
 import shutil
@@ -20,10 +22,21 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from hfprune import __version__, distributed
-from hfprune.cards import render_pruned_card
+from hfprune.cards import recorded_license, render_pruned_card, write_cards
 from hfprune.data import calibration_tokens
 from hfprune.eval import evaluation_windows, perplexity
-from hfprune.hub import Parent, load_parent, load_parent_config, parent_license
+from hfprune.hub import (
+    Parent,
+    PushError,
+    PushResult,
+    load_parent,
+    load_parent_config,
+    parent_license,
+    published_kinds,
+    push_folder,
+    repo_id_for,
+)
+from hfprune.lmeval import evaluate_lm
 from hfprune.modeling import count_config_parameters, count_parameters
 from hfprune.outputs import (
     StageLedger,
@@ -84,7 +97,8 @@ class Run:
             return STOP_AFTER[stop_after]
         runs = self.recipe.train.runs if self.recipe.train else []
         trained = tuple(stage for run in runs for stage in (f"train_{run}", f"{run}_eval"))
-        return ("parent_eval", "prune", "pruned_eval", *trained, "card")
+        push = ("push",) if self.recipe.push.enabled else ()
+        return ("parent_eval", "prune", "pruned_eval", *trained, "card", *push)
 
     # -- paths and fingerprints -------------------------------------------------------------
     @property
@@ -102,6 +116,11 @@ class Run:
         r = self.recipe
         prune = r.fingerprint("parent", "prune", "calibration", "seed")
         train = f"{prune}-{r.fingerprint('train')}"
+        # The cards show the scores, so they are stale whenever metrics.json changed (bar push records);
+        # what is published is the cards' folders, so the push is stale exactly when they are.
+        cards = (
+            f"{prune}-{r.fingerprint('name', 'eval', 'output_dir', 'train', 'push')}-{self._scores_hash()}"
+        )
         return {
             "parent_eval": r.fingerprint("parent", "eval"),
             "prune": prune,
@@ -110,8 +129,8 @@ class Run:
             "train_scratch": train,
             "continued_eval": f"{train}-{r.fingerprint('eval')}",
             "scratch_eval": f"{train}-{r.fingerprint('eval')}",
-            # The card shows the scores, so it is stale whenever metrics.json changed.
-            "card": f"{prune}-{r.fingerprint('name', 'eval', 'output_dir')}-{_file_hash(self.metrics_path)}",
+            "card": cards,
+            "push": f"push-{cards}",
         }[stage]
 
     def outputs(self, stage: str) -> tuple[Path, ...]:
@@ -232,8 +251,44 @@ class Run:
         )
         self._record_metrics(run, model, AutoTokenizer.from_pretrained(self.model_dir(run)))
 
-    def stage_card(self) -> None:
-        self._write_card(self.pruned_dir, read_json(self.pruned_dir / "prune_report.json"))
+    def stage_card(self) -> list[Path]:
+        """Cards for every model folder of the run, each with every model's scores side by side."""
+        license = recorded_license(self.pruned_dir) or parent_license(self.recipe.parent)
+        return write_cards(self.out, self.recipe, read_json(self.metrics_path, {}), license, self.command)
+
+    def stage_push(self) -> dict[str, PushResult]:
+        """Publish the run's models (see `hub.published_kinds`) and record each commit in metrics.json."""
+        spec = self.recipe.push
+        if not spec.repo_prefix:
+            raise PushError(
+                "push.repo_prefix is not set: add it to the recipe, or pass push.repo_prefix=org/name"
+            )
+        available = [
+            k for k in ("pruned", "continued", "scratch") if (self.model_dir(k) / "config.json").is_file()
+        ]
+        kinds = published_kinds(spec.include_pruned, available)
+        if not kinds:
+            raise PushError(f"nothing to publish in {self.out / 'models'}: run the recipe first")
+        if kinds == ["pruned"] and not spec.include_pruned:
+            logger.info("this run trained no model: publishing the one-shot pruned model only")
+        recipe_hash = self.recipe.fingerprint(
+            "name", "seed", "parent", "prune", "calibration", "train", "eval"
+        )
+        results = {}
+        for kind in kinds:
+            result = results[kind] = push_folder(
+                self.model_dir(kind),
+                repo_id_for(spec.repo_prefix, kind),
+                private=spec.private,
+                commit_message=f"hfprune {self.recipe.name}: {kind} model (recipe {recipe_hash})",
+                commit_description=f"Made by `{self.command}` with hfprune {__version__}.",
+                retries=spec.retries,
+                retry_hint=f"publish them with `hfprune push {self.out}`",
+            )
+            metrics = read_json(self.metrics_path, {})
+            metrics.setdefault(kind, {})["hub"] = result.to_dict()
+            write_json(self.metrics_path, metrics)  # per repo: a later failure keeps the URLs of earlier ones
+        return results
 
     # -- helpers ----------------------------------------------------------------------------
     def _report(self, result: Any, parent_config: dict, before: Any, calibrated: bool) -> dict[str, Any]:
@@ -279,13 +334,20 @@ class Run:
             result = perplexity(model, batch, bos, dataset, self.recipe.eval.batch_size)
             entry["perplexity"][spec.name] = result.to_dict()
             logger.info("%s perplexity on %s: %.3f", key, spec.name, result.value)
+        entry["lm_eval"] = evaluate_lm(model, tokenizer, self.recipe.eval)
         metrics = read_json(self.metrics_path, {})
         metrics[key] = {**metrics.get(key, {}), **entry}  # keeps tokens_trained of trained models
+        if metrics[key]["lm_eval"] is None:  # a recipe without lm-eval tasks records none
+            del metrics[key]["lm_eval"]
         write_json(self.metrics_path, metrics)
 
-
-def _file_hash(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:12] if path.exists() else "none"
+    def _scores_hash(self) -> str:
+        """metrics.json without the push records, which describe the published cards, not their content."""
+        metrics = read_json(self.metrics_path, None)
+        if metrics is None:
+            return "none"
+        scores = {k: {f: v for f, v in entry.items() if f != "hub"} for k, entry in metrics.items()}
+        return hashlib.sha256(json.dumps(scores, sort_keys=True).encode()).hexdigest()[:12]
 
 
 _SHAPE_KEYS = (
@@ -303,6 +365,16 @@ _SHAPE_KEYS = (
 def run(recipe: Recipe, *, force: bool = False, stop_after: str | None = None) -> RunSummary:
     """Run (or resume) a recipe; stages whose inputs are unchanged are skipped."""
     return Run(recipe, force=force).execute(stop_after)
+
+
+def publish(recipe: Recipe) -> dict[str, PushResult]:
+    """Publish the models of an existing output folder (`hfprune push`): the push stage on its own."""
+    return Run(recipe).stage_push()
+
+
+def render_cards(recipe: Recipe) -> list[Path]:
+    """Re-render the cards of an existing output folder (`hfprune card`) from its metrics.json."""
+    return Run(recipe).stage_card()
 
 
 def describe_plan(recipe: Recipe, stop_after: str | None = None) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from hfprune.pruners import PRUNERS, UnknownPrunerError, get_pruner
 
@@ -93,11 +93,65 @@ class PerplexitySpec(_Strict):
     max_windows: int | None = Field(default=64, gt=0)
 
 
+class LmEvalTask(_Strict):
+    """One lm-evaluation-harness task at one number of shots, and the metric reported for it."""
+
+    task: str
+    num_fewshot: int | None = Field(default=None, ge=0, description="default: eval.lm_eval.num_fewshot")
+    metric: str = Field(default="acc", description="the metric key reported (acc, acc_norm, f1, ...)")
+    in_average: bool | None = Field(
+        default=None,
+        description="counted in the headline average; default: unless the metric is a perplexity",
+    )
+
+
+class LmEvalSpec(_Strict):
+    """lm-evaluation-harness on the in-memory models; tasks add to those of `eval.preset`."""
+
+    tasks: list[LmEvalTask] = Field(default_factory=list)
+    num_fewshot: int = Field(default=0, ge=0)
+    limit: int | float | None = Field(
+        default=None, description="documents per task (a float < 1: a fraction)"
+    )
+    batch_size: int | None = Field(default=None, gt=0, description="default: eval.batch_size")
+    include_path: list[str] = Field(default_factory=list, description="folders of local task YAMLs")
+    seed: int = Field(default=1234, description="lm-eval's random, numpy, torch and few-shot seeds")
+
+    @field_validator("tasks", mode="before")
+    @classmethod
+    def _task_names(cls, tasks: Any) -> Any:
+        # A bare task name is shorthand for {task: name}.
+        return [{"task": t} if isinstance(t, str) else t for t in tasks] if isinstance(tasks, list) else tasks
+
+    @field_validator("include_path", mode="before")
+    @classmethod
+    def _one_path(cls, paths: Any) -> Any:
+        return [paths] if isinstance(paths, str) else paths
+
+    @field_validator("limit")
+    @classmethod
+    def _limit(cls, limit: float | None) -> float | None:
+        if limit is not None and not ((isinstance(limit, int) and limit >= 1) or 0 < limit < 1):
+            raise ValueError("a number of documents (int >= 1) or a fraction of them (0 < float < 1)")
+        return limit
+
+
 class EvalSpec(_Strict):
     perplexity: list[PerplexitySpec] = Field(
         default_factory=lambda: [PerplexitySpec(name="pydoc", dataset=_default_dataset("test"))]
     )
     batch_size: int = Field(default=4, gt=0)
+    preset: Literal["paper", "quick"] | None = Field(
+        default=None, description="lm-eval suite: `paper` (the study's tasks and shots) or `quick` (offline)"
+    )
+    lm_eval: LmEvalSpec = Field(default_factory=LmEvalSpec)
+
+    @model_validator(mode="after")
+    def _tasks_resolve(self) -> EvalSpec:
+        from hfprune.lmeval import resolve_tasks
+
+        resolve_tasks(self)  # raises ValueError naming a task given twice at the same shots
+        return self
 
 
 # TrainingArguments that hfprune derives itself; a recipe setting them would silently be overridden.
@@ -161,6 +215,25 @@ class TrainSpec(_Strict):
         return args
 
 
+class PushSpec(_Strict):
+    """Publishing to the Hub: `<repo_prefix>` (continued), `-scratch`, `-pruned` (with `include_pruned`).
+
+    The token comes from HF_TOKEN or the `hf auth login` cache, never from the recipe.
+    """
+
+    enabled: bool = False
+    repo_prefix: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
+    private: bool = False
+    include_pruned: bool = False
+    retries: int = Field(default=3, ge=0, le=10, description="retries of a failed upload, with backoff")
+
+    @model_validator(mode="after")
+    def _prefix_when_enabled(self) -> PushSpec:
+        if self.enabled and not self.repo_prefix:
+            raise ValueError("repo_prefix (org/name) is required when enabled is true")
+        return self
+
+
 class Recipe(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     output_dir: str | None = None
@@ -170,6 +243,7 @@ class Recipe(_Strict):
     calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
     eval: EvalSpec = Field(default_factory=EvalSpec)
     train: TrainSpec | None = None
+    push: PushSpec = Field(default_factory=PushSpec)
 
     @property
     def output_path(self) -> Path:

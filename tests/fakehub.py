@@ -79,7 +79,7 @@ class FakeHub:
         self.url = ""
         self.requests: list[LoggedRequest] = []
         self._repos: dict[tuple[str, str], Repo] = {}
-        self._faults: list[tuple[str, int]] = []  # (path fragment, status), consumed in order
+        self._faults: list[tuple[str, int, bool]] = []  # (path fragment, status, after), consumed in order
         self._lock = threading.RLock()
         self._server: ThreadingHTTPServer | None = None
 
@@ -104,10 +104,14 @@ class FakeHub:
         self.stop()
 
     # Inspection and set-up helpers for tests.
-    def fail_next(self, n: int = 1, status: int = 500, path_contains: str = "") -> None:
-        """Answer the next ``n`` requests whose path contains ``path_contains`` with ``status``."""
+    def fail_next(self, n: int = 1, status: int = 500, path_contains: str = "", after: bool = False) -> None:
+        """Answer the next ``n`` requests whose path contains ``path_contains`` with ``status``.
+
+        With ``after=True`` each request is carried out first (a commit lands) and only its answer is the
+        failure, as when the answer is lost on its way back.
+        """
         with self._lock:
-            self._faults += [(path_contains, status)] * n
+            self._faults += [(path_contains, status, after)] * n
 
     def repo(self, repo_id: str, repo_type: str = "model") -> Repo:
         return self._repos[(repo_type, repo_id)]
@@ -141,10 +145,10 @@ class FakeHub:
         return repo.history[-1]
 
     # Request handling; the HTTP plumbing is in _Handler at the bottom.
-    def _take_fault(self, req: LoggedRequest) -> int | None:
+    def _take_fault(self, req: LoggedRequest) -> tuple[int, bool] | None:
         with self._lock:
-            index = next((i for i, (fragment, _) in enumerate(self._faults) if fragment in req.path), None)
-            return None if index is None else self._faults.pop(index)[1]
+            index = next((i for i, (fragment, *_) in enumerate(self._faults) if fragment in req.path), None)
+            return None if index is None else self._faults.pop(index)[1:]
 
     def _authorized(self, req: LoggedRequest) -> bool:
         auth = req.headers.get("authorization", "")
@@ -297,9 +301,12 @@ class _Handler(BaseHTTPRequestHandler):
         with hub._lock:
             hub.requests.append(req)
         try:
-            if (injected := hub._take_fault(req)) is not None:
-                raise HubError(injected, None, "injected failure")
+            injected = hub._take_fault(req)
+            if injected is not None and not injected[1]:
+                raise HubError(injected[0], None, "injected failure")
             status, (result, headers) = 200, hub.route(req)
+            if injected is not None:  # carried out, then answered with the failure
+                raise HubError(injected[0], None, "injected failure after the request was carried out")
         except HubError as err:
             status, result = err.status, err.body
             headers = {"X-Error-Message": err.message, **({"X-Error-Code": err.code} if err.code else {})}

@@ -15,7 +15,10 @@ from hfprune.pruners import PRUNERS, Granularity, get_pruner
 
 
 # Options that suit the tiny test parent (e.g. alignments far below the 64 used for real models).
-TINY_OPTIONS: dict[str, dict] = {}
+TINY_OPTIONS: dict[str, dict] = {
+    "minitron_width": {"alignment": 4},
+    "flap": {"alignment": 8},
+}
 # How close the achieved ratio must be to the request on the tiny parent (its shapes are coarse).
 TOLERANCE = {Granularity.DEPTH: 0.07, Granularity.WIDTH: 0.1, Granularity.SPARSE: 0.01}
 RATIOS = (0.5, 0.75)

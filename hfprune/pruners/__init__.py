@@ -68,8 +68,8 @@ __all__ = [
     "TargetShape",
     "UnknownPrunerError",
     "depth",
-    "sparse",
-    "width",
     "get_pruner",
     "register_pruner",
+    "sparse",
+    "width",
 ]

@@ -7,7 +7,9 @@ returns the result with the config kept consistent with the weights.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
+import torch
 from torch import nn
 from transformers import PreTrainedModel
 
@@ -33,3 +35,118 @@ def drop_layers(model: PreTrainedModel, keep: Sequence[int]) -> PreTrainedModel:
     if layer_types:
         model.config.layer_types = [layer_types[i] for i in keep]
     return model
+
+
+def _index(indices: Sequence[int] | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return torch.as_tensor(indices, dtype=torch.long).to(like.device)
+
+
+def slice_linear(
+    linear: nn.Linear,
+    rows: Sequence[int] | torch.Tensor | None = None,
+    cols: Sequence[int] | torch.Tensor | None = None,
+) -> None:
+    """Keep output features `rows` and input features `cols` of `linear`, in place (None keeps all).
+
+    New parameters replace the old ones (rather than resizing `.data`) so that nothing keeps the
+    parent's full-size storage alive and optimizers built later see the true shapes.
+    """
+    weight, bias = linear.weight.detach(), None if linear.bias is None else linear.bias.detach()
+    if rows is not None:
+        weight = weight.index_select(0, _index(rows, weight))
+        bias = None if bias is None else bias.index_select(0, _index(rows, bias))
+    if cols is not None:
+        weight = weight.index_select(1, _index(cols, weight))
+    linear.weight = nn.Parameter(weight.contiguous(), requires_grad=linear.weight.requires_grad)
+    if bias is not None:
+        linear.bias = nn.Parameter(bias.contiguous(), requires_grad=linear.bias.requires_grad)
+    linear.out_features, linear.in_features = weight.shape
+
+
+def add_bias(linear: nn.Linear, value: torch.Tensor | None = None) -> None:
+    """Give `linear` a bias (zeros when it had none) and add `value` to it, in place."""
+    if linear.bias is None:
+        linear.bias = nn.Parameter(
+            torch.zeros(linear.out_features, dtype=linear.weight.dtype, device=linear.weight.device)
+        )
+    if value is not None:
+        with torch.no_grad():
+            linear.bias.add_(value.to(linear.bias))
+
+
+def add_biases(linears: Sequence[nn.Linear], last_shift: torch.Tensor | None = None) -> None:
+    """Zero biases where missing; the last Linear (a module's output projection) also gets `last_shift`."""
+    for linear in linears[:-1]:
+        add_bias(linear)
+    add_bias(linears[-1], last_shift)
+
+
+def slice_vector(module: nn.Module, indices: Sequence[int] | torch.Tensor) -> None:
+    """Keep entries `indices` of a norm's weight vector, in place."""
+    weight = module.weight.detach()
+    module.weight = nn.Parameter(weight.index_select(0, _index(indices, weight)).contiguous())
+
+
+def keep_ffn_neurons(mlp: nn.Module, neurons: Sequence[int] | torch.Tensor) -> None:
+    """Keep the intermediate neurons `neurons` of a gated MLP (gate/up rows, down columns)."""
+    slice_linear(mlp.gate_proj, rows=neurons)
+    slice_linear(mlp.up_proj, rows=neurons)
+    slice_linear(mlp.down_proj, cols=neurons)
+    mlp.intermediate_size = mlp.down_proj.in_features
+
+
+def group_channels(groups: Sequence[int], heads_per_group: int, head_dim: int) -> tuple[list[int], list[int]]:
+    """(query channels, key/value channels) belonging to the KV groups `groups`, in order.
+
+    Query heads are laid out group by group (head h belongs to KV head h // heads_per_group), which is
+    how `repeat_kv` pairs them, so a group's query heads are one contiguous block.
+    """
+    q_width = heads_per_group * head_dim
+    q = [g * q_width + c for g in sorted(groups) for c in range(q_width)]
+    kv = [g * head_dim + c for g in sorted(groups) for c in range(head_dim)]
+    return q, kv
+
+
+def keep_kv_groups(attention: nn.Module, groups: Sequence[int], heads_per_group: int, head_dim: int) -> None:
+    """Keep only the KV groups `groups` (each: one KV head and its query heads) of an attention module."""
+    q, kv = group_channels(groups, heads_per_group, head_dim)
+    slice_linear(attention.q_proj, rows=q)
+    slice_linear(attention.k_proj, rows=kv)
+    slice_linear(attention.v_proj, rows=kv)
+    slice_linear(attention.o_proj, cols=q)
+
+
+def keep_hidden_channels(model: PreTrainedModel, channels: Sequence[int] | torch.Tensor) -> None:
+    """Keep the residual-stream channels `channels` everywhere they appear, in place.
+
+    That is the embedding columns, every RMSNorm, the inputs of q/k/v/gate/up, the outputs of o/down,
+    the final norm and the LM head's inputs. A tied LM head is re-tied to the new embedding.
+    """
+    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+    tied = head is not None and head.weight is embed.weight
+    embed.weight = nn.Parameter(
+        embed.weight.detach().index_select(1, _index(channels, embed.weight)).contiguous()
+    )
+    embed.embedding_dim = embed.weight.shape[1]
+    for layer in decoder_layers(model):
+        attention, mlp = layer.self_attn, layer.mlp
+        for linear in (attention.q_proj, attention.k_proj, attention.v_proj, mlp.gate_proj, mlp.up_proj):
+            slice_linear(linear, cols=channels)
+        slice_linear(attention.o_proj, rows=channels)
+        slice_linear(mlp.down_proj, rows=channels)
+        slice_vector(layer.input_layernorm, channels)
+        slice_vector(layer.post_attention_layernorm, channels)
+        layer.hidden_size = len(channels)
+        mlp.hidden_size = len(channels)
+    slice_vector(model.model.norm, channels)
+    if tied:
+        head.weight = embed.weight
+        head.in_features = embed.embedding_dim
+    elif head is not None:
+        slice_linear(head, cols=channels)
+
+
+def set_config(model: PreTrainedModel, changes: dict[str, Any]) -> None:
+    """Write shape changes into the model's config object, which every submodule shares."""
+    for key, value in changes.items():
+        setattr(model.config, key, value)

@@ -2,19 +2,30 @@
 
 Ratio means the fraction of non-embedding parameters removed; every Llama layer has the same size,
 so removing k of L layers removes k/L of the decoder (less the final norm), and the resolver picks
-the k whose achieved ratio is nearest the request.
+the k whose achieved ratio is nearest the request. `shortgpt` drops the individually least influential
+layers; `minitron_depth` drops the one contiguous block whose removal changes calibration perplexity least.
 """
 
 from __future__ import annotations
 
+import contextlib
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
 import torch
+from pydantic import Field
+from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
 from hfprune.calibrate import walk_layers
+from hfprune.eval import perplexity
 from hfprune.modeling import count_config_parameters, decoder_layers, updated_config
 from hfprune.pruners import register_pruner
 from hfprune.pruners._ops import drop_layers
-from hfprune.pruners.base import Granularity, Pruner, PruneResult, TargetShape
+from hfprune.pruners.base import Granularity, Pruner, PruneResult, PrunerOptions, TargetShape
+from hfprune.pruners.shapes import RATIO_TOLERANCE, require_within
 
 
 def plan_layer_removal(config: PretrainedConfig, ratio: float) -> TargetShape:
@@ -81,3 +92,122 @@ class ShortGPTPruner(DepthPruner):
                 tokens += cos.numel()
             scores[step.index] = 1.0 - cos_sum / tokens
         return scores
+
+
+@contextlib.contextmanager
+def without_block(model: PreTrainedModel, start: int, length: int) -> Iterator[None]:
+    """Temporarily skip decoder layers start..start+length-1; the model is restored on exit.
+
+    Only the layer list is swapped (no weights are copied or changed), which is what lets scoring
+    try every start position without touching the parent.
+    """
+    layers, config = decoder_layers(model), model.config
+    count = config.num_hidden_layers
+    model.model.layers = nn.ModuleList([*layers[:start], *layers[start + length :]])
+    config.num_hidden_layers = count - length
+    try:
+        yield
+    finally:
+        model.model.layers = layers
+        config.num_hidden_layers = count
+
+
+@dataclass
+class BlockScores:
+    """Calibration perplexity of the parent and of the parent without each contiguous block.
+
+    `perplexity[length][start]` is the perplexity with layers start..start+length-1 removed.
+    """
+
+    baseline: float
+    perplexity: dict[int, list[float]] = field(default_factory=dict)
+
+    def best_start(self, length: int) -> int:
+        """The start whose block changes perplexity least (|ppl - baseline|; earliest on ties)."""
+        if length not in self.perplexity:
+            raise ValueError(f"no scores for blocks of {length} layers (scored: {sorted(self.perplexity)})")
+        values = self.perplexity[length]
+        return min(range(len(values)), key=lambda i: (abs(values[i] - self.baseline), i))
+
+
+@register_pruner("minitron_depth")
+class MinitronDepthPruner(DepthPruner):
+    """Minitron depth pruning (Muralidharan et al., 2024, arXiv 2407.14679; Sreenivas et al., 2024,
+    arXiv 2408.11796): remove one contiguous block of decoder layers.
+
+    Score: for a block of k = L - n_keep layers, the calibration perplexity with layers i..i+k-1
+    removed, for every start i in 0..L-k; the block whose perplexity is nearest the parent's (smallest
+    |ppl - ppl_parent|) is removed. The `metric` option is where an lm-eval task score will slot in.
+
+        prune:
+          method: minitron_depth
+          ratio: 0.5
+          options: {metric: perplexity}
+    """
+
+    description = "contiguous block of layers whose removal changes calibration perplexity least"
+
+    class Options(PrunerOptions):
+        metric: Literal["perplexity"] = Field(
+            "perplexity", description="what a candidate block is judged by (calibration perplexity)"
+        )
+        ratio_tolerance: float = Field(RATIO_TOLERANCE, gt=0, lt=1)
+
+    def plan(self, config: PretrainedConfig, ratio: float) -> TargetShape:
+        why = f"only whole layers can be removed ({config.num_hidden_layers} layers, at least one kept)"
+        return require_within(plan_layer_removal(config, ratio), self.options.ratio_tolerance, why)
+
+    def block_length(self, config: PretrainedConfig, ratio: float) -> int:
+        return config.num_hidden_layers - self.plan(config, ratio).config_changes["num_hidden_layers"]
+
+    @torch.no_grad()
+    def score(
+        self,
+        model: PreTrainedModel,
+        calibration: torch.Tensor | None,
+        batch_size: int = 1,
+        lengths: Sequence[int] | None = None,
+    ) -> BlockScores:
+        """Perplexities for every start of every block length in `lengths` (default: all lengths,
+        the full sweep; `prune` asks only for the length its ratio needs)."""
+        if calibration is None:
+            raise ValueError("minitron_depth needs calibration tokens")
+        count = model.config.num_hidden_layers
+        lengths = range(1, count) if lengths is None else [k for k in lengths if k > 0]
+
+        def ppl() -> float:
+            return perplexity(model, calibration, False, {"name": "calibration"}, batch_size).value
+
+        scores = BlockScores(baseline=ppl())
+        for length in lengths:
+            values = []
+            for start in range(count - length + 1):
+                with without_block(model, start, length):
+                    values.append(ppl())
+            scores.perplexity[length] = values
+        return scores
+
+    def prune(
+        self, model: PreTrainedModel, calibration: torch.Tensor | None, ratio: float, batch_size: int = 1
+    ) -> PruneResult:
+        """Score only the block length the ratio needs, then apply (a full sweep is L(L-1)/2 passes)."""
+        begin = time.perf_counter()
+        scores = self.score(model, calibration, batch_size, lengths=[self.block_length(model.config, ratio)])
+        result = self.apply(model, scores, ratio)
+        result.seconds = time.perf_counter() - begin
+        return result
+
+    def apply(self, model: PreTrainedModel, scores: BlockScores, ratio: float) -> PruneResult:
+        shape = self.plan(model.config, ratio)
+        count = model.config.num_hidden_layers
+        length = count - shape.config_changes["num_hidden_layers"]
+        start = scores.best_start(length) if length else count
+        keep = [i for i in range(count) if not start <= i < start + length]
+        details = {
+            "kept_layers": keep,
+            "removed_block": {"start": start, "length": length} if length else None,
+            "metric": self.options.metric,
+            "baseline_perplexity": round(scores.baseline, 6),
+            "block_perplexity": [round(v, 6) for v in scores.perplexity.get(length, [])],
+        }
+        return PruneResult(model=drop_layers(model, keep), shape=shape, details=details)

@@ -1,0 +1,206 @@
+"""`hfprune report DIR`: the comparison a run (or a folder of runs) answers, as tables and plots.
+
+The last step after evaluation. It reads only the output contract (`recipe.yaml`, `metrics.json`,
+`models/pruned/prune_report.json`) of every run under DIR, so it works on finished runs from any
+machine, and writes `report.md`, `report.json` and PNG plots into DIR: one table per token budget
+(method x ratio; pruned-before-training, continued and scratch scores and the continued-minus-scratch
+gap), learning curves of continued vs scratch on the same token axis, and the gap against ratio and
+against budget. Scores are held-out perplexity (lower is better), so a negative gap means the pruned
+initialisation is ahead.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RunRow:
+    """One run: its grid coordinates, parameter count and the four scores on one evaluation set."""
+
+    run: str
+    method: str
+    granularity: str
+    ratio: float
+    ratio_achieved: float | None
+    budget: int | None
+    params: int | None
+    metric: str
+    parent: float | None
+    pruned: float | None
+    continued: float | None
+    scratch: float | None
+    tokens_trained: int | None
+    curves: dict[str, list[dict[str, float]]] = field(default_factory=dict)
+
+    @property
+    def gap(self) -> float | None:
+        if self.continued is None or self.scratch is None:
+            return None
+        return self.continued - self.scratch
+
+
+def find_runs(folder: Path) -> list[Path]:
+    """`folder` itself when it is a run, otherwise every run folder below it (sorted)."""
+    if (folder / "metrics.json").is_file():
+        return [folder]
+    return sorted(p.parent for p in folder.rglob("metrics.json") if (p.parent / "recipe.yaml").is_file())
+
+
+def _score(metrics: dict[str, Any], model: str, metric: str) -> float | None:
+    return metrics.get(model, {}).get("perplexity", {}).get(metric, {}).get("value")
+
+
+def read_run(folder: Path) -> RunRow:
+    recipe = yaml.safe_load((folder / "recipe.yaml").read_text())
+    metrics = json.loads((folder / "metrics.json").read_text())
+    report_path = folder / "models" / "pruned" / "prune_report.json"
+    report = json.loads(report_path.read_text()) if report_path.is_file() else {}
+    sets = [p["name"] for p in recipe.get("eval", {}).get("perplexity", [])]
+    metric = sets[0] if sets else "perplexity"
+    train = recipe.get("train") or {}
+    return RunRow(
+        run=folder.name,
+        method=recipe["prune"]["method"],
+        granularity=report.get("granularity", "?"),
+        ratio=recipe["prune"]["ratio"],
+        ratio_achieved=report.get("ratio_achieved"),
+        budget=train.get("token_budget"),
+        params=report.get("params_after", {}).get("total"),
+        metric=metric,
+        parent=_score(metrics, "parent", metric),
+        pruned=_score(metrics, "pruned", metric),
+        continued=_score(metrics, "continued", metric),
+        scratch=_score(metrics, "scratch", metric),
+        tokens_trained=metrics.get("continued", {}).get("tokens_trained"),
+        curves={
+            run: metrics[run]["curve"] for run in ("continued", "scratch") if "curve" in metrics.get(run, {})
+        },
+    )
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def budget_table(rows: list[RunRow]) -> list[str]:
+    lines = [
+        "| method | ratio (achieved) | params | pruned | continued | scratch | continued - scratch |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in sorted(rows, key=lambda r: (r.method, r.ratio)):
+        gap = _fmt(r.gap)
+        if r.gap is not None and r.gap > 0:
+            gap = f"**{gap} (scratch wins)**"
+        achieved = f"{r.ratio} ({r.ratio_achieved:.3f})" if r.ratio_achieved is not None else str(r.ratio)
+        params = f"{r.params / 1e6:.1f}M" if r.params else "-"
+        lines.append(
+            f"| {r.method} | {achieved} | {params} | {_fmt(r.pruned)} | {_fmt(r.continued)} | "
+            f"{_fmt(r.scratch)} | {gap} |"
+        )
+    return lines
+
+
+def render_markdown(rows: list[RunRow], plots: list[str]) -> str:
+    metric = rows[0].metric
+    parent = next((r.parent for r in rows if r.parent is not None), None)
+    out = [
+        "# hfprune report",
+        "",
+        (
+            f"Score: held-out perplexity on `{metric}` (lower is better; protocol in each run's metrics.json). "
+            f"Parent: {_fmt(parent)}. A negative gap means the pruned initialisation beats random init "
+            "trained on the same tokens."
+        ),
+    ]
+    for budget in sorted({r.budget for r in rows}, key=lambda b: (b is None, b or 0)):
+        title = f"{budget:,} training tokens" if budget else "no training"
+        out += ["", f"## {title}", "", *budget_table([r for r in rows if r.budget == budget])]
+    out += ["", *[f"![{name}]({name})" for name in plots]]
+    return "\n".join(out) + "\n"
+
+
+def plot_curves(rows: list[RunRow], path: Path) -> bool:
+    """Figure-1-style panels: perplexity against tokens trained, continued vs scratch, one per method."""
+    methods = sorted({r.method for r in rows if r.curves})
+    if not methods:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(methods), figsize=(4.5 * len(methods), 3.6), squeeze=False)
+    for ax, method in zip(axes[0], methods, strict=True):
+        for row in (r for r in rows if r.method == method and r.curves):
+            for run, style in (("continued", "-"), ("scratch", "--")):
+                points = row.curves.get(run, [])
+                if points:
+                    ax.plot([p["tokens"] for p in points], [p["perplexity"] for p in points], style,
+                            marker="o", markersize=3, label=f"{run}, ratio {row.ratio}")  # fmt: skip
+        ax.set(title=method, xlabel="tokens trained", ylabel="held-out perplexity", yscale="log")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def plot_gap(rows: list[RunRow], x: str, path: Path) -> bool:
+    """The continued-minus-scratch gap against `ratio` or `budget`: one line per method and value of the
+    other axis, so budgets are never mixed on a ratio plot (nor ratios on a budget plot)."""
+    usable = [r for r in rows if r.gap is not None and getattr(r, x) is not None]
+    if len({getattr(r, x) for r in usable}) < 2:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    other = "budget" if x == "ratio" else "ratio"
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    for method, fixed in sorted({(r.method, getattr(r, other)) for r in usable}, key=str):
+        points = sorted(
+            (getattr(r, x), r.gap) for r in usable if (r.method, getattr(r, other)) == (method, fixed)
+        )
+        ax.plot(
+            [p[0] for p in points], [p[1] for p in points], marker="o", label=f"{method}, {other} {fixed}"
+        )
+    ax.axhline(0, color="grey", linewidth=0.8)
+    ax.set(
+        xlabel="pruning ratio" if x == "ratio" else "training tokens", ylabel="continued - scratch perplexity"
+    )
+    if x == "budget":
+        ax.set_xscale("log")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def write_report(folder: Path) -> dict[str, Any]:
+    """Write report.md, report.json and the plots into `folder`; return the report data."""
+    runs = find_runs(folder)
+    if not runs:
+        raise FileNotFoundError(f"no hfprune run (metrics.json + recipe.yaml) under {folder}")
+    rows = [read_run(run) for run in runs]
+    plots = []
+    if plot_curves(rows, folder / "curves.png"):
+        plots.append("curves.png")
+    for x in ("ratio", "budget"):
+        if plot_gap(rows, x, folder / f"gap_vs_{x}.png"):
+            plots.append(f"gap_vs_{x}.png")
+    data = {"metric": rows[0].metric, "rows": [{**asdict(r), "gap": r.gap} for r in rows], "plots": plots}
+    (folder / "report.json").write_text(json.dumps(data, indent=2) + "\n")
+    (folder / "report.md").write_text(render_markdown(rows, plots))
+    return data

@@ -1,0 +1,60 @@
+"""`hfprune report`: tables per budget with the gap, plots, from the output contract alone."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+from hfprune.report import find_runs, write_report
+
+
+def fake_run(root: Path, name: str, method: str, ratio: float, budget: int, continued: float, scratch: float):
+    folder = root / name
+    (folder / "models" / "pruned").mkdir(parents=True)
+    recipe = {
+        "name": name,
+        "prune": {"method": method, "ratio": ratio},
+        "eval": {"perplexity": [{"name": "hamlet"}]},
+        "train": {"token_budget": budget},
+    }
+    (folder / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    curve = [{"tokens": t, "perplexity": continued * (2 - t / budget)} for t in (budget // 2, budget)]
+    metrics = {
+        "parent": {"perplexity": {"hamlet": {"value": 20.0}}},
+        "pruned": {"perplexity": {"hamlet": {"value": 500.0}}},
+        "continued": {
+            "perplexity": {"hamlet": {"value": continued}},
+            "tokens_trained": budget,
+            "curve": curve,
+        },
+        "scratch": {"perplexity": {"hamlet": {"value": scratch}}, "tokens_trained": budget, "curve": curve},
+    }
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+    report = {"granularity": "depth", "ratio_achieved": ratio, "params_after": {"total": 80_000_000}}
+    (folder / "models" / "pruned" / "prune_report.json").write_text(json.dumps(report))
+    return folder
+
+
+def test_report_over_a_grid(tmp_path):
+    fake_run(tmp_path, "a", "shortgpt", 0.5, 1000, continued=40.0, scratch=90.0)
+    fake_run(tmp_path, "b", "shortgpt", 0.8, 1000, continued=95.0, scratch=90.0)
+    fake_run(tmp_path, "c", "shortgpt", 0.5, 4000, continued=30.0, scratch=45.0)
+    assert len(find_runs(tmp_path)) == 3
+    data = write_report(tmp_path)
+    gaps = {(r["ratio"], r["budget"]): r["gap"] for r in data["rows"]}
+    assert gaps == {(0.5, 1000): -50.0, (0.8, 1000): 5.0, (0.5, 4000): -15.0}
+    text = (tmp_path / "report.md").read_text()
+    assert "## 1,000 training tokens" in text and "## 4,000 training tokens" in text
+    assert "**5.00 (scratch wins)**" in text and "80.0M" in text
+    for plot in ("curves.png", "gap_vs_ratio.png", "gap_vs_budget.png"):
+        assert (tmp_path / plot).read_bytes()[:4] == b"\x89PNG"
+        assert f"]({plot})" in text
+
+
+def test_report_of_a_single_run_without_training(tmp_path):
+    folder = fake_run(tmp_path, "solo", "shortgpt", 0.5, 1000, continued=40.0, scratch=90.0)
+    data = write_report(folder)
+    assert [r["run"] for r in data["rows"]] == ["solo"]
+    assert data["plots"] == ["curves.png"]  # one ratio and one budget: no trend to plot
