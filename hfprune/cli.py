@@ -236,3 +236,19 @@ def card(output_dir: str, overrides: tuple[str, ...]) -> None:
         sys.exit(1)
     for path in paths:
         click.echo(str(path))
+
+
+@main.command()
+@click.argument("directory", type=click.Path(file_okay=False, exists=True))
+def report(directory: str) -> None:
+    """Write report.md, report.json and PNG plots for one run or a folder of runs."""
+    from hfprune.report import write_report
+
+    try:
+        data = write_report(Path(directory))
+    except FileNotFoundError as err:
+        click.echo(f"error: {err}", err=True)
+        sys.exit(1)
+    click.echo(
+        f"{len(data['rows'])} run(s) -> {Path(directory) / 'report.md'} (plots: {', '.join(data['plots']) or 'none'})"
+    )

@@ -48,7 +48,13 @@ from hfprune.outputs import (
 )
 from hfprune.pruners import Pruner, get_pruner
 from hfprune.recipe import Recipe
-from hfprune.training import save_trained, train_model, training_work_dir
+from hfprune.training import (
+    HeldOutCurveCallback,
+    learning_curve,
+    save_trained,
+    train_model,
+    training_work_dir,
+)
 from hfprune.twin import make_scratch_twin
 
 
@@ -233,7 +239,14 @@ class Run:
             )
         work_dir = training_work_dir(self.out / ".hfprune" / "train" / run, self.fingerprint(f"train_{run}"))
         trainer, outcome = train_model(
-            model, tokenizer, spec, run=run, seed=self.recipe.seed, work_dir=work_dir, masks=masks
+            model,
+            tokenizer,
+            spec,
+            run=run,
+            seed=self.recipe.seed,
+            work_dir=work_dir,
+            masks=masks,
+            callbacks=self._curve_callbacks(tokenizer),
         )
         with distributed_staging_dir(self.model_dir(run)) as staging:
             save_trained(trainer, tokenizer, outcome, staging)
@@ -242,8 +255,19 @@ class Run:
         if distributed.is_main_process():
             metrics = read_json(self.metrics_path, {})
             metrics[run] = {"tokens_trained": outcome.tokens_trained, "training": outcome.to_dict()}
+            if self.recipe.eval.every_tokens:
+                metrics[run]["curve"] = learning_curve(trainer)
             write_json(self.metrics_path, metrics)
         self._trained[run] = trainer.accelerator.unwrap_model(trainer.model)
+
+    def _curve_callbacks(self, tokenizer: Any) -> list[HeldOutCurveCallback]:
+        """Learning curves on the first perplexity set, when `eval.every_tokens` asks for them."""
+        every, sets = self.recipe.eval.every_tokens, self.recipe.eval.perplexity
+        if not every or not sets:
+            return []
+        spec = sets[0]
+        windows, bos = evaluation_windows(spec.dataset, tokenizer, spec.seq_len, spec.max_windows)
+        return [HeldOutCurveCallback(windows, bos, every, self.recipe.eval.batch_size)]
 
     def stage_trained_eval(self, run: str) -> None:
         model = self._trained.get(run) or AutoModelForCausalLM.from_pretrained(

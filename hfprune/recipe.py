@@ -145,6 +145,11 @@ class EvalSpec(_Strict):
         default=None, description="lm-eval suite: `paper` (the study's tasks and shots) or `quick` (offline)"
     )
     lm_eval: LmEvalSpec = Field(default_factory=LmEvalSpec)
+    every_tokens: int | None = Field(
+        default=None,
+        gt=0,
+        description="during training, held-out perplexity (first perplexity set) every this many tokens",
+    )
 
     @model_validator(mode="after")
     def _tasks_resolve(self) -> EvalSpec:

@@ -23,6 +23,7 @@ from transformers import PreTrainedModel, TrainerCallback, TrainingArguments
 from hfprune import distributed
 from hfprune.callbacks import PAPER_TRAINING_DEFAULTS, budget_schedule
 from hfprune.data import iter_texts
+from hfprune.eval import perplexity
 from hfprune.packing import PackedTokenStream
 from hfprune.trainer import PruneTrainer
 
@@ -100,6 +101,57 @@ def training_arguments(spec: Any, seed: int, work_dir: Path) -> tuple[TrainingAr
     return TrainingArguments(output_dir=str(work_dir / "checkpoints"), **values), tokens_per_step
 
 
+CURVE_KEY = "heldout_perplexity"
+
+
+class HeldOutCurveCallback(TrainerCallback):
+    """Held-out perplexity at token milestones (0, every, 2 x every, ..., and the end of training).
+
+    Points go into `state.log_history`, which checkpoints save and resumes restore, so a resumed run
+    keeps the points measured before the interruption. Every process evaluates (an FSDP forward is
+    collective); the windows are small by design.
+    """
+
+    def __init__(self, windows: torch.Tensor, has_bos: bool, every_tokens: int, batch_size: int = 4):
+        self.windows, self.has_bos = windows, has_bos
+        self.every_tokens, self.batch_size = every_tokens, batch_size
+
+    def _measured(self, state: Any) -> list[int]:
+        return [entry["tokens"] for entry in state.log_history if CURVE_KEY in entry]
+
+    def _measure(self, state: Any, model: Any) -> None:
+        value = perplexity(model, self.windows, self.has_bos, {}, self.batch_size).value
+        state.log_history.append(
+            {CURVE_KEY: value, "tokens": int(state.num_input_tokens_seen), "step": state.global_step}
+        )
+        logger.info("held-out perplexity %.3f after %d tokens", value, state.num_input_tokens_seen)
+
+    def on_train_begin(
+        self, args: TrainingArguments, state: Any, control: Any, model: Any = None, **kwargs: Any
+    ):
+        if not self._measured(state):
+            self._measure(state, model)
+
+    def on_step_end(
+        self, args: TrainingArguments, state: Any, control: Any, model: Any = None, **kwargs: Any
+    ):
+        last = max(self._measured(state), default=0)
+        if state.num_input_tokens_seen >= (last // self.every_tokens + 1) * self.every_tokens:
+            self._measure(state, model)
+
+    def on_train_end(
+        self, args: TrainingArguments, state: Any, control: Any, model: Any = None, **kwargs: Any
+    ):
+        if max(self._measured(state), default=-1) < state.num_input_tokens_seen:
+            self._measure(state, model)
+
+
+def learning_curve(trainer: PruneTrainer) -> list[dict[str, float]]:
+    """The (tokens, perplexity) points a `HeldOutCurveCallback` recorded, in token order."""
+    points = {e["tokens"]: e[CURVE_KEY] for e in trainer.state.log_history if CURVE_KEY in e}
+    return [{"tokens": t, "perplexity": points[t]} for t in sorted(points)]
+
+
 def training_work_dir(folder: Path, fingerprint: str) -> Path:
     """The folder holding a run's checkpoints; emptied when they belong to different training inputs."""
     stamp = folder / "inputs.txt"
@@ -151,6 +203,7 @@ def train_model(
     seed: int,
     work_dir: Path,
     masks: dict[str, torch.Tensor] | None = None,
+    callbacks: list[TrainerCallback] | None = None,
 ) -> tuple[PruneTrainer, TrainOutcome]:
     """Train `model` on `spec.token_budget` tokens, resuming from `work_dir` when a checkpoint is there."""
     limit = getattr(model.config, "max_position_embeddings", None)
@@ -176,7 +229,7 @@ def train_model(
         train_dataset=stream,
         token_budget=spec.token_budget,
         masks=masks,
-        callbacks=[CheckpointCompleteCallback(), DataExhaustedGuard()],
+        callbacks=[CheckpointCompleteCallback(), DataExhaustedGuard(), *(callbacks or [])],
     )
     start = time.perf_counter()
     if resume:

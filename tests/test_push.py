@@ -213,7 +213,12 @@ def test_workflows_pass_actionlint():
     workflows = sorted((root / ".github" / "workflows").glob("*.yml"))
     assert {w.name for w in workflows} >= {"ci.yml", "recipe.yml"}
     done = subprocess.run(
-        [actionlint, "-config-file", ".github/actionlint.yaml", *(str(w.relative_to(root)) for w in workflows)],
+        [
+            actionlint,
+            "-config-file",
+            ".github/actionlint.yaml",
+            *(str(w.relative_to(root)) for w in workflows),
+        ],
         cwd=root,
         capture_output=True,
         text=True,

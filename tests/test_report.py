@@ -58,3 +58,17 @@ def test_report_of_a_single_run_without_training(tmp_path):
     data = write_report(folder)
     assert [r["run"] for r in data["rows"]] == ["solo"]
     assert data["plots"] == ["curves.png"]  # one ratio and one budget: no trend to plot
+
+
+def test_report_command(tmp_path):
+    from click.testing import CliRunner
+
+    from hfprune.cli import main
+
+    fake_run(tmp_path, "a", "shortgpt", 0.5, 1000, continued=40.0, scratch=90.0)
+    result = CliRunner().invoke(main, ["report", str(tmp_path)])
+    assert result.exit_code == 0 and "1 run(s)" in result.output
+    assert (tmp_path / "report.md").is_file()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert CliRunner().invoke(main, ["report", str(empty)]).exit_code == 1

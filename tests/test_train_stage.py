@@ -111,3 +111,16 @@ def test_changed_training_inputs_discard_old_checkpoints(write_recipe):
     assert ran(summary) == ["train_scratch", "scratch_eval", "card"]
     report = json.loads((recipe.output_path / "models/scratch/training_report.json").read_text())
     assert report["resumed_from"] is None and report["tokens_trained"] == 1024
+
+
+def test_learning_curves_share_the_token_axis(write_recipe):
+    recipe = load_recipe(write_recipe(TRAIN), ["eval.every_tokens=512"])
+    metrics = pipeline.run(recipe).metrics
+    for run in ("continued", "scratch"):
+        curve = metrics[run]["curve"]
+        assert [p["tokens"] for p in curve] == [0, 512, 1024, 1536, 2048]
+        assert all(p["perplexity"] > 1 for p in curve)
+    # Before any step the continued model is the pruned one: the first point is the pruned perplexity.
+    start = metrics["continued"]["curve"][0]["perplexity"]
+    assert start == pytest.approx(metrics["pruned"]["perplexity"]["pydoc"]["value"], rel=1e-4)
+    assert metrics["continued"]["curve"][-1]["perplexity"] < start
