@@ -13,13 +13,13 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from conftest import tiny_config  # this script runs from tests/, beside conftest.py
 from tokenizers import Tokenizer, models, pre_tokenizers
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.utils.data import Dataset
 from transformers import (
-    LlamaConfig,
     LlamaForCausalLM,
     PreTrainedTokenizerFast,
     Trainer,
@@ -40,17 +40,7 @@ BUDGET_DDP = 500
 
 
 def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-        pad_token_id=0,
-    )
+    config = tiny_config(vocab_size=VOCAB, num_hidden_layers=4, max_position_embeddings=64, pad_token_id=0)
     torch.manual_seed(seed)
     return LlamaForCausalLM(config)
 

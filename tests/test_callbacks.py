@@ -6,9 +6,10 @@ import math
 
 import pytest
 import torch
+from conftest import tiny_config
 from torch import nn
 from torch.utils.data import Dataset
-from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
+from transformers import LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
 from hfprune.callbacks import (
     PAPER_TRAINING_DEFAULTS,
@@ -35,17 +36,7 @@ def one_thread():
 
 
 def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-        pad_token_id=0,
-    )
+    config = tiny_config(vocab_size=VOCAB, num_hidden_layers=4, max_position_embeddings=64, pad_token_id=0)
     torch.manual_seed(seed)
     return LlamaForCausalLM(config)
 
