@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -18,8 +19,6 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def quickstart_run(tmp_path_factory):
-    import os
-
     os.chdir(ROOT)  # the quickstart recipe refers to .cache/hfprune relative to the repository
     fetch_all()
     out = tmp_path_factory.mktemp("quickstart")
@@ -46,3 +45,27 @@ def test_half_the_layers_and_half_the_non_embedding_parameters(quickstart_run):
     assert config["num_hidden_layers"] == 15 and config["tie_word_embeddings"] is True
     card = (quickstart_run / "models/pruned/README.md").read_text()
     assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in card and "license: apache-2.0" in card
+
+
+def test_wanda_then_continued_and_scratch_training(tmp_path):
+    """The whole factory on the real model: sparse pruning, both runs on one budget, masks held."""
+    from safetensors.torch import load_file
+
+    from hfprune.masks import load_masks
+
+    os.chdir(ROOT)
+    fetch_all()
+    overrides = [f"output_dir={tmp_path}", "train.token_budget=8192", "eval.perplexity.0.max_windows=8"]
+    summary = pipeline.run(load_recipe(ROOT / "recipes/smollm2_wanda_train.yaml", overrides))
+    metrics = summary.metrics
+    masks = load_masks(tmp_path / "models/pruned/sparsity_masks.safetensors")
+    for run in ("continued", "scratch"):
+        assert 8192 <= metrics[run]["tokens_trained"] < 8192 + 1024  # within one global batch (4 x 256)
+        weights = load_file(tmp_path / "models" / run / "model.safetensors")
+        for name, keep in masks.items():
+            assert (weights[name][~keep] == 0).all(), f"{run}: a pruned weight of {name} was revived"
+    ppl = {
+        k: metrics[k]["perplexity"]["hamlet"]["value"] for k in ("parent", "pruned", "continued", "scratch")
+    }
+    assert ppl["continued"] < ppl["pruned"], "continued training recovers part of the pruning loss"
+    assert ppl["continued"] < ppl["scratch"], "at a tiny budget the pruned initialisation is far ahead"
