@@ -37,7 +37,7 @@ from hfprune.hub import (
     repo_id_for,
 )
 from hfprune.lmeval import evaluate_lm
-from hfprune.modeling import count_config_parameters, count_parameters
+from hfprune.modeling import ParamCount, count_config_parameters, count_parameters
 from hfprune.outputs import (
     StageLedger,
     atomic_dir,
@@ -317,6 +317,9 @@ class Run:
     # -- helpers ----------------------------------------------------------------------------
     def _report(self, result: Any, parent_config: dict, before: Any, calibrated: bool) -> dict[str, Any]:
         after = count_parameters(result.model)
+        if result.masks:  # sparse: the shapes are the parent's, the removed weights are the masked ones
+            removed = sum(int((~keep).sum()) for keep in result.masks.values())
+            after = ParamCount(total=after.total - removed, embedding=after.embedding)
         shape = result.shape.to_dict()
         # Measured counts are authoritative; the plan's are from the config formula.
         shape["params_before"], shape["params_after"] = before.to_dict(), after.to_dict()

@@ -124,3 +124,22 @@ def test_learning_curves_share_the_token_axis(write_recipe):
     start = metrics["continued"]["curve"][0]["perplexity"]
     assert start == pytest.approx(metrics["pruned"]["perplexity"]["pydoc"]["value"], rel=1e-4)
     assert metrics["continued"]["curve"][-1]["perplexity"] < start
+
+
+def test_sparse_run_reports_its_ratio_and_training_keeps_the_masks(write_recipe):
+    from safetensors.torch import load_file
+
+    from hfprune.masks import load_masks
+
+    recipe = load_recipe(write_recipe(TRAIN, method="wanda"))
+    pipeline.run(recipe)
+    pruned = recipe.output_path / "models/pruned"
+    report = json.loads((pruned / "prune_report.json").read_text())
+    assert abs(report["ratio_achieved"] - 0.5) < 0.01
+    assert report["params_after"]["total"] < report["params_before"]["total"]
+    masks = load_masks(pruned / "sparsity_masks.safetensors")
+    for run in ("continued", "scratch"):
+        assert (recipe.output_path / "models" / run / "sparsity_masks.safetensors").is_file()
+        weights = load_file(recipe.output_path / "models" / run / "model.safetensors")
+        for name, keep in masks.items():
+            assert (weights[name][~keep] == 0).all() and (weights[name][keep] != 0).any(), name
