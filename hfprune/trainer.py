@@ -91,4 +91,5 @@ class PruneTrainer(Trainer):
         if self.accelerator.sync_gradients:
             for callback in self.mask_callbacks:
                 callback.zero_masked_grads(model)
+                callback.grads_zeroed_at_step = self.state.global_step
         return loss

@@ -116,6 +116,8 @@ class SparsityMaskCallback(TrainerCallback):
         self.masks: dict[str, torch.Tensor] = dict(masks)
         self._drop: dict[str, torch.Tensor] = {}  # mask name -> local "drop" mask on the parameter's device
         self._names: dict[int, dict[str, str]] = {}  # id(model) -> mask name -> parameter name
+        # Set by PruneTrainer when it already zeroed this step's masked gradients (before clipping).
+        self.grads_zeroed_at_step: int | None = None
 
     @classmethod
     def from_zeros(cls, model: nn.Module, param_names: Iterable[str] | None = None) -> "SparsityMaskCallback":
@@ -142,7 +144,8 @@ class SparsityMaskCallback(TrainerCallback):
     def on_pre_optimizer_step(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs
     ):
-        self.zero_masked_grads(_require_model(kwargs))
+        if self.grads_zeroed_at_step != state.global_step:  # a plain Trainer: nobody zeroed them yet
+            self.zero_masked_grads(_require_model(kwargs))
 
     def on_optimizer_step(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs
