@@ -189,6 +189,19 @@ def test_sparsegpt_update_reconstructs_outputs_better_than_masking_alone():
     assert error < 0.8 * (inputs @ (weight * matrix_keep_mask(weight.abs(), 0.5) - weight).T).norm()
 
 
+@pytest.mark.parametrize("pattern", [Pattern(), Pattern(2, 4)])
+def test_stacked_sweep_equals_one_matrix_at_a_time(pattern):
+    gen = torch.Generator().manual_seed(1)
+    inputs = torch.randn(256, 32, generator=gen)
+    upper = inverse_hessian_factor(inputs.T @ inputs, 0.01)
+    first, second = torch.randn(24, 32, generator=gen), torch.randn(8, 32, generator=gen)
+    stacked, keep = sparsegpt_prune(torch.cat([first, second]), upper, 0.5, pattern, 16, row_splits=[24, 8])
+    for rows, weight in ((slice(0, 24), first), (slice(24, 32), second)):
+        alone, alone_keep = sparsegpt_prune(weight, upper, 0.5, pattern, 16)
+        assert torch.equal(keep[rows], alone_keep)
+        torch.testing.assert_close(stacked[rows], alone)
+
+
 def test_lowest_selection_is_exact_with_ties():
     scores = torch.tensor([[3.0, 1.0, 1.0, 1.0, 2.0, 0.0], [5.0, 5.0, 5.0, 5.0, 5.0, 5.0]])
     lowest = lowest_in_rows(scores, 3)

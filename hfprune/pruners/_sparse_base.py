@@ -84,7 +84,7 @@ class SparsePruner(Pruner):
         raise NotImplementedError
 
     def prepare(self, statistic: torch.Tensor | None) -> Any:
-        """Turn a statistic into what `prune_weight` needs; done once per group of linears."""
+        """Turn a statistic into what `prune_weight` needs; done once per group sharing an input."""
         return statistic
 
     def prune_weight(
@@ -92,6 +92,12 @@ class SparsePruner(Pruner):
     ) -> tuple[torch.Tensor | None, torch.Tensor]:
         """(updated weight, or None when survivors keep their values; keep mask)."""
         raise NotImplementedError
+
+    def prune_group(
+        self, weights: list[torch.Tensor], prepared: Any, ratio: float
+    ) -> list[tuple[torch.Tensor | None, torch.Tensor]]:
+        """Prune linears that read the same input (so share `prepared`); one matrix at a time by default."""
+        return [self.prune_weight(weight, prepared, ratio) for weight in weights]
 
     def pruned_unstructured(self, rows: int, cols: int, ratio: float) -> int:
         """How many weights an unstructured prune removes from a (rows, cols) matrix."""
@@ -214,25 +220,22 @@ class SparsePruner(Pruner):
         self, layer: torch.nn.Module, stats: LayerStats | None, ratio: float, names: dict[int, str]
     ) -> dict[str, torch.Tensor]:
         """Prune the seven linears of one block in place; return their keep-masks (on the CPU)."""
-        masks, prepared = {}, {}
-        for name in LINEARS:
-            weight = layer.get_submodule(name).weight
-            param_name = names[id(weight)]
+        masks = {}
+        for group in LINEAR_GROUPS:
+            weights = [layer.get_submodule(name).weight for name in group]
             if ratio == 0:
-                masks[param_name] = torch.ones(weight.shape, dtype=torch.bool)
+                masks |= {names[id(w)]: torch.ones(w.shape, dtype=torch.bool) for w in weights}
                 continue
-            statistic = None if stats is None else stats[name]
+            statistic = None if stats is None else stats[group[0]].to(weights[0].device)
             try:
-                if id(statistic) not in prepared:  # linears that read the same input share this work
-                    on_device = None if statistic is None else statistic.to(weight.device)
-                    prepared[id(statistic)] = self.prepare(on_device)
-                updated, keep = self.prune_weight(weight, prepared[id(statistic)], ratio)
+                pruned = self.prune_group(weights, self.prepare(statistic), ratio)
             except HessianError as err:
-                raise HessianError(f"{param_name.removesuffix('.weight')}: {err}") from None
-            if updated is not None:
-                weight.copy_(updated)
-            weight.masked_fill_(~keep, 0)
-            masks[param_name] = keep.cpu()
+                raise HessianError(f"{names[id(weights[0])].removesuffix('.weight')}: {err}") from None
+            for weight, (updated, keep) in zip(weights, pruned, strict=True):
+                if updated is not None:
+                    weight.copy_(updated)
+                weight.masked_fill_(~keep, 0)
+                masks[names[id(weight)]] = keep.cpu()
         return masks
 
     def _result(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -138,12 +138,19 @@ def inverse_hessian_factor(hessian: torch.Tensor, dampening: float) -> torch.Ten
 
 
 def sparsegpt_prune(
-    weight: torch.Tensor, upper: torch.Tensor, ratio: float, pattern: Pattern, block_size: int
+    weight: torch.Tensor,
+    upper: torch.Tensor,
+    ratio: float,
+    pattern: Pattern,
+    block_size: int,
+    row_splits: Sequence[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """SparseGPT: prune `weight` column block by column block and push each pruned weight's error
     into the columns not yet processed, weighted by the inverse Hessian (optimal brain surgeon).
 
-    `upper` comes from `inverse_hessian_factor`. Returns (new fp32 weight with exact zeros, keep mask).
+    `upper` comes from `inverse_hessian_factor`. Rows are independent given the Hessian, so matrices
+    that read the same input can be stacked and swept once; `row_splits` (rows per stacked matrix)
+    keeps the unstructured mask chosen per matrix. Returns (fp32 weight with exact zeros, keep mask).
     """
     w = weight.to(torch.float32, copy=True)
     if pattern.is_nm and (w.shape[1] % pattern.group or block_size % pattern.group):
@@ -152,9 +159,8 @@ def sparsegpt_prune(
     with _one_cpu_thread(w.device):
         for start in range(0, w.shape[1], block_size):
             end = min(start + block_size, w.shape[1])
-            errors = _prune_block(
-                w[:, start:end], keep[:, start:end], upper[start:end, start:end], ratio, pattern
-            )
+            block = (w[:, start:end], keep[:, start:end], upper[start:end, start:end])
+            errors = _prune_block(*block, ratio, pattern, row_splits or [w.shape[0]])
             # The block's accumulated error reaches every later column in one matrix product.
             w[:, end:].sub_(errors @ upper[start:end, end:])
     if not torch.isfinite(w).all():
@@ -163,14 +169,21 @@ def sparsegpt_prune(
 
 
 def _prune_block(
-    w: torch.Tensor, keep: torch.Tensor, upper: torch.Tensor, ratio: float, pattern: Pattern
+    w: torch.Tensor,
+    keep: torch.Tensor,
+    upper: torch.Tensor,
+    ratio: float,
+    pattern: Pattern,
+    row_splits: Sequence[int],
 ) -> torch.Tensor:
     """Prune one column block in place (views of the weight and mask); return the scaled errors."""
     diag = upper.diagonal()
     errors = torch.zeros_like(w)
     if not pattern.is_nm:
-        # The mask is chosen once per block, on weights already corrected by the previous blocks.
-        keep.copy_(matrix_keep_mask(w.square() / diag.square(), ratio))
+        # The mask is chosen once per block and matrix, on weights corrected by the previous blocks.
+        saliency = w.square() / diag.square()
+        for rows, part in zip(keep.split(list(row_splits)), saliency.split(list(row_splits)), strict=True):
+            rows.copy_(matrix_keep_mask(part, ratio))
     for col in range(w.shape[1]):
         if pattern.is_nm and col % pattern.group == 0:
             group = slice(col, col + pattern.group)

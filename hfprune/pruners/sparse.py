@@ -77,7 +77,7 @@ class SparseGPTPruner(SparsePruner):
 
     Score: the optimal-brain-surgeon saliency w_ij^2 / [H^-1]_jj^2, with H = X X^T the Hessian of the
     layer's calibration inputs plus dampening (1% of its mean diagonal by default), inverted in fp32.
-    Columns are processed in blocks (128); the mask is chosen per block (or per M-group for N:M)
+    Columns are processed in blocks (128); each matrix's mask is chosen per block (per M-group for N:M)
     and each pruned weight's error is pushed into the weights not yet processed, so survivors change.
 
         prune:
@@ -106,6 +106,16 @@ class SparseGPTPruner(SparsePruner):
         self, weight: torch.Tensor, prepared: Any, ratio: float
     ) -> tuple[torch.Tensor, torch.Tensor]:
         return sparsegpt_prune(weight, prepared, ratio, self.pattern, self.options.block_size)
+
+    def prune_group(
+        self, weights: list[torch.Tensor], prepared: Any, ratio: float
+    ) -> list[tuple[torch.Tensor | None, torch.Tensor]]:
+        # q|k|v and gate|up share a Hessian: one column sweep over their stacked rows does the work of
+        # two or three (the sweep's cost is per column, not per row), with each matrix's own mask.
+        sizes = [weight.shape[0] for weight in weights]
+        block = self.options.block_size
+        updated, keep = sparsegpt_prune(torch.cat(weights), prepared, ratio, self.pattern, block, sizes)
+        return list(zip(updated.split(sizes), keep.split(sizes), strict=True))
 
     def pruned_unstructured(self, rows: int, cols: int, ratio: float) -> int:
         return sparsegpt_pruned_count(rows, cols, ratio, self.options.block_size)
