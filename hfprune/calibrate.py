@@ -42,9 +42,14 @@ class LayerStep:
 
     @torch.no_grad()
     def forward(self) -> list[torch.Tensor]:
-        """Run the layer (hooks included) on every batch; the result feeds the next layer."""
+        """Run the layer (hooks included) on every batch; the result feeds the next layer.
+
+        Activations are stored where the inputs are stored (host memory, see
+        `capture_first_layer_inputs`) and moved to the layer's device one batch at a time.
+        """
+        device = module_device(self.layer)
         self.outputs = [
-            _hidden(self.layer(hidden, **kwargs))
+            _hidden(self.layer(hidden.to(device), **kwargs)).to(hidden.device)
             for hidden, kwargs in zip(self.inputs, self.layer_kwargs, strict=True)
         ]
         return self.outputs
