@@ -24,13 +24,12 @@ import os
 import shlex
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
 import torch
-from results import machine, replace_section
+from results import PeakRSS, machine, replace_section
 from transformers import AutoModelForCausalLM
 
 from hfprune.data import calibration_tokens
@@ -53,37 +52,6 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
     "flap": ("flap", {}),
     "flap + attention bias": ("flap", {"bias_compensation": "attention"}),
 }
-
-
-class PeakRSS:
-    """Samples this process's resident memory in a thread; `peak` is the highest seen while running.
-
-    ru_maxrss only ever grows over the whole process, so it cannot isolate one pruning run.
-    """
-
-    def __init__(self, interval: float = 0.005):
-        self.interval, self.peak, self._stop = interval, 0, threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-
-    @staticmethod
-    def current() -> int:
-        with open("/proc/self/statm") as handle:
-            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-    def _sample(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.current())
-            time.sleep(self.interval)
-
-    def __enter__(self) -> Self:
-        self.peak = self.current()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self.current())
 
 
 def release_freed_memory() -> None:

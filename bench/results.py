@@ -8,12 +8,46 @@ from __future__ import annotations
 
 import os
 import platform
+import threading
+import time
 from pathlib import Path
+from typing import Self
 
 import torch
 
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+
+
+class PeakRSS:
+    """Samples this process's resident memory in a thread; `peak` is the highest seen while running.
+
+    ru_maxrss only ever grows over the whole process, so it cannot isolate one pruning run.
+    """
+
+    def __init__(self, interval: float = 0.005):
+        self.interval, self.peak, self._stop = interval, 0, threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    @staticmethod
+    def current() -> int:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.current())
+            time.sleep(self.interval)
+
+    def __enter__(self) -> Self:
+        self.peak = self.current()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.current())
 
 
 def machine() -> str:
