@@ -23,10 +23,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from results import PeakRSS, machine, replace_section
+from results import PeakRSS, evaluate, machine, replace_section
 
 from hfprune.data import calibration_tokens
-from hfprune.eval import evaluation_windows, perplexity
+from hfprune.eval import evaluation_windows
 from hfprune.hub import load_parent
 from hfprune.pruners import get_pruner
 from hfprune.recipe import DatasetSpec, ParentSpec
@@ -65,11 +65,6 @@ def prune_one(parent: Any, ids: torch.Tensor, method: str, pattern: str, args: a
         "sparsity": report["sparsity"],
         "ratio_achieved": result.shape.ratio_achieved,
     }
-
-
-def evaluate(model: Any, windows: tuple[torch.Tensor, bool], batch_size: int) -> float:
-    batch, bos = windows
-    return perplexity(model, batch, bos, {"path": "shakespeare test"}, batch_size).value
 
 
 def table_rows(rows: list[dict]) -> list[str]:

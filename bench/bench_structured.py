@@ -29,11 +29,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from results import PeakRSS, machine, replace_section
+from results import PeakRSS, evaluate, machine, replace_section
 from transformers import AutoModelForCausalLM
 
 from hfprune.data import calibration_tokens
-from hfprune.eval import evaluation_windows, perplexity
+from hfprune.eval import evaluation_windows
 from hfprune.hub import load_parent
 from hfprune.modeling import count_parameters
 from hfprune.pruners import get_pruner
@@ -122,11 +122,6 @@ def prune_one(
         "blocks": len(result.details.get("block_perplexity", [])),  # minitron_depth's candidate starts
         "reloads": reloads_identically(result.model, ids[:1, :32]),
     }
-
-
-def evaluate(model: Any, windows: tuple[torch.Tensor, bool], batch_size: int) -> float:
-    batch, bos = windows
-    return perplexity(model, batch, bos, {"path": "shakespeare test"}, batch_size).value
 
 
 def table(rows: list[dict]) -> list[str]:

@@ -11,9 +11,11 @@ import platform
 import threading
 import time
 from pathlib import Path
-from typing import Self
+from typing import Any, Self
 
 import torch
+
+from hfprune.eval import perplexity
 
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
@@ -64,6 +66,12 @@ def machine() -> str:
     )
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
     return f"{os.cpu_count()} CPU cores ({cpu}), {mem_gib:.0f} GiB, {gpu}; torch {torch.__version__}"
+
+
+def evaluate(model: Any, windows: tuple[torch.Tensor, bool], batch_size: int) -> float:
+    """Held-out perplexity of `model` on prepared (windows, has_bos) from `evaluation_windows`."""
+    batch, bos = windows
+    return perplexity(model, batch, bos, {"path": "shakespeare test"}, batch_size).value
 
 
 def replace_section(heading: str, body: str, path: Path = RESULTS) -> None:
