@@ -329,6 +329,33 @@ def test_bad_masks_get_clear_errors():
         ).verify(model)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_masking_is_bit_exact_and_clears_non_finite_values(dtype):
+    model = tiny_llama().to(dtype)
+    masks = random_masks(model)
+    params = dict(model.named_parameters())
+    name = "model.layers.1.mlp.down_proj.weight"
+    keep = masks[name]
+    with torch.no_grad():
+        weight = params[name]
+        dropped = (~keep).nonzero()
+        weight[tuple(dropped[0])] = float("nan")
+        weight[tuple(dropped[1])] = float("inf")
+        weight[tuple(dropped[2])] = -0.0
+        kept_before = weight[keep].clone()
+    weight.grad = torch.full_like(weight, float("nan"))
+    callback = SparsityMaskCallback(masks)
+    callback.apply_to_weights(model)
+    callback.zero_masked_grads(model)
+    # Dropped entries are +0.0 (no NaN, no inf, no sign bit); kept ones are the same bits as before.
+    assert torch.equal(weight.detach()[~keep], torch.zeros(int((~keep).sum()), dtype=dtype))
+    assert not torch.signbit(weight.detach()[~keep]).any()
+    assert torch.equal(weight.detach()[keep].view(torch.uint8), kept_before.view(torch.uint8))
+    assert torch.equal(weight.grad[~keep], torch.zeros_like(weight.grad[~keep]))
+    assert weight.grad[keep].isnan().all()
+    assert masked_nonzeros(model, masks) == 0
+
+
 # ---- PruneTrainer ----
 
 
