@@ -143,8 +143,10 @@ def main() -> None:
     )
     table = "\n".join(
         [
-            "| model | batch x seq | plain Trainer s/step | PruneTrainer + both callbacks s/step | "
-            "step-time difference | time in hfprune's additions per step | overhead (additions / plain step) |",
+            (
+                "| model | batch x seq | plain Trainer s/step | PruneTrainer + both callbacks s/step | "
+                "step-time difference | time in hfprune's additions per step | overhead (additions / plain step) |"
+            ),
             "|---|---|---:|---:|---:|---:|---:|",
             (
                 f"| SmolLM2-135M shape, {opts.layers} layers, 50% masks | {opts.batch} x {opts.seq_len} | "
