@@ -36,6 +36,14 @@ class CardError(ValueError):
     """Cards cannot be written: the output folder holds no pruned model yet."""
 
 
+FIGURES_NOTE = (
+    "This model is one cell of an `hfprune sweep` over pruning methods, ratios and token budgets. The plots "
+    "compare every cell's continued model with its random-init twin on held-out perplexity (lower is "
+    "better): learning curves against tokens trained, and the continued-minus-scratch gap against the "
+    "pruning ratio and the budget."
+)
+
+
 def template_path(name: str) -> Path:
     return Path(str(resources.files("hfprune") / "model_cards" / f"{name}.md"))
 
@@ -66,8 +74,10 @@ def render_card(
     license: str | None,
     command: str,
     training: dict[str, Any] | None = None,
+    figures: list[str] | None = None,
 ) -> ModelCard:
-    """The card of `models/<kind>/`; `training` is its training_report.json (continued, scratch)."""
+    """The card of `models/<kind>/`; `training` is its training_report.json (continued, scratch);
+    `figures` are PNGs in the model folder (a sweep's report plots), shown in their own section."""
     parent_name, parent_id = parent_reference(recipe)
     repo_id = card_repo_id(recipe, kind)
     return ModelCard.from_template(
@@ -86,6 +96,8 @@ def render_card(
         repo_id=repo_id,
         command=command,
         recipe_yaml=recipe.to_yaml(),
+        figures=figures or [],
+        figures_note=FIGURES_NOTE,
     )
 
 
@@ -97,9 +109,16 @@ def render_pruned_card(
 
 
 def write_cards(
-    out_dir: Path, recipe: Recipe, metrics: dict[str, Any], license: str | None, command: str
+    out_dir: Path,
+    recipe: Recipe,
+    metrics: dict[str, Any],
+    license: str | None,
+    command: str,
+    figures: list[str] | None = None,
 ) -> list[Path]:
-    """(Re-)render README.md in every model folder of a run that exists; returns the cards written."""
+    """(Re-)render README.md in every model folder of a run that exists; returns the cards written.
+
+    `figures` name PNGs already copied into each model folder (see `hfprune.sweep`)."""
     report_path = out_dir / "models" / "pruned" / "prune_report.json"
     if not report_path.is_file():
         raise CardError(f"{report_path} does not exist: run the recipe (at least `hfprune prune`) first")
@@ -111,7 +130,7 @@ def write_cards(
             continue
         training_file = folder / "training_report.json"
         training = json.loads(training_file.read_text()) if training_file.is_file() else None
-        card = render_card(kind, recipe, report, metrics, license, command, training)
+        card = render_card(kind, recipe, report, metrics, license, command, training, figures)
         write_text(folder / "README.md", str(card))
         written.append(folder / "README.md")
     return written

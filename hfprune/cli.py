@@ -111,6 +111,51 @@ _stage_command(
 _stage_command("prune", "prune", "Stop after writing the pruned checkpoint (models/pruned).")
 
 
+@main.command(help=f"Run a sweep recipe: its grid of method x ratio x token budget.\n\n{OVERRIDES_HELP}")
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.argument("overrides", nargs=-1)
+@click.option(
+    "--only",
+    multiple=True,
+    metavar="KEY=VALUE[,KEY=VALUE]",
+    help="Only the cells matching all pairs (keys: method, ratio, budget); repeat to add more cells.",
+)
+@click.option("--force", is_flag=True, help="Rerun stages even when their inputs are unchanged.")
+@click.option("--dry-run", is_flag=True, help="List the cells: shapes, parameter counts, budgets, status.")
+def sweep(recipe: str, overrides: tuple[str, ...], only: tuple[str, ...], force: bool, dry_run: bool) -> None:
+    from hfprune import distributed
+    from hfprune.recipe import RecipeError
+    from hfprune.sweep import SweepError, describe_sweep, format_plan, load_sweep, run_sweep
+
+    try:
+        grid = load_sweep(recipe, overrides)
+        grid.select(only)
+    except RecipeError as err:
+        click.echo(f"error: invalid recipe {err}", err=True)
+        sys.exit(2)
+    except SweepError as err:
+        click.echo(f"error: {err}", err=True)
+        sys.exit(2)
+    try:
+        if dry_run:
+            plan = describe_sweep(grid, only)
+            click.echo(format_plan(plan), err=True)
+            click.echo(json.dumps(plan, indent=2))
+            return
+        summary = run_sweep(grid, only, force=force)
+    except _run_errors() as err:
+        click.echo(f"error: {err}", err=True)
+        sys.exit(1)
+    finally:
+        distributed.shutdown()
+    if distributed.is_main_process():
+        click.echo((summary.output_dir / "report.md").read_text())
+        click.echo(
+            f"sweep {grid.name}: ran {', '.join(summary.ran) or 'nothing'}; "
+            f"up to date: {', '.join(summary.up_to_date) or 'nothing'}; report in {summary.output_dir}"
+        )
+
+
 def format_metrics_table(metrics: dict[str, Any]) -> str:
     """A plain-text table of perplexities: one row per evaluation set, one column per model."""
     models = [m for m in ("parent", "pruned", "continued", "scratch") if m in metrics]
@@ -249,6 +294,6 @@ def report(directory: str) -> None:
     except FileNotFoundError as err:
         click.echo(f"error: {err}", err=True)
         sys.exit(1)
-    click.echo(
-        f"{len(data['rows'])} run(s) -> {Path(directory) / 'report.md'} (plots: {', '.join(data['plots']) or 'none'})"
-    )
+    report_md = Path(directory) / "report.md"
+    click.echo(report_md.read_text())
+    click.echo(f"{len(data['rows'])} run(s) -> {report_md} (plots: {', '.join(data['plots']) or 'none'})")

@@ -46,7 +46,7 @@ from hfprune.outputs import (
     write_json,
     write_text,
 )
-from hfprune.pruners import Pruner, get_pruner
+from hfprune.pruners import Pruner, PruneResult, get_pruner
 from hfprune.recipe import Recipe
 from hfprune.training import (
     HeldOutCurveCallback,
@@ -194,17 +194,13 @@ class Run:
 
     def stage_prune(self) -> None:
         parent = self.parent
-        calibration = None
-        spec = self.recipe.calibration
-        if self.pruner.needs_calibration:
-            calibration = calibration_tokens(spec.dataset, parent.tokenizer, spec.num_samples, spec.seq_len)
         parent_config = parent.model.config.to_dict()
         before = count_parameters(parent.model)
         # The parent is consumed here (depth pruning drops its layers in place): parent_eval runs first.
-        result = self.pruner.prune(parent.model, calibration, self.recipe.prune.ratio, spec.batch_size)
+        result = self.prune_parent(parent)
         self._parent = None
         self._pruned = result.model
-        report = self._report(result, parent_config, before, calibration is not None)
+        report = self._report(result, parent_config, before, self.pruner.needs_calibration)
         with atomic_dir(self.pruned_dir) as tmp:
             result.model.save_pretrained(tmp)
             parent.tokenizer.save_pretrained(tmp)
@@ -214,6 +210,14 @@ class Run:
                 save_masks(result.masks, tmp / MASKS_FILE)
             write_json(tmp / "prune_report.json", report)
             self._write_card(tmp, report)
+
+    def prune_parent(self, parent: Parent) -> PruneResult:
+        """Calibrate and prune; `parent.model` may be consumed. A sweep cell shares this work."""
+        spec = self.recipe.calibration
+        calibration = None
+        if self.pruner.needs_calibration:
+            calibration = calibration_tokens(spec.dataset, parent.tokenizer, spec.num_samples, spec.seq_len)
+        return self.pruner.prune(parent.model, calibration, self.recipe.prune.ratio, spec.batch_size)
 
     def stage_pruned_eval(self) -> None:
         model = self._pruned or AutoModelForCausalLM.from_pretrained(self.pruned_dir, dtype="auto")
@@ -278,7 +282,12 @@ class Run:
     def stage_card(self) -> list[Path]:
         """Cards for every model folder of the run, each with every model's scores side by side."""
         license = recorded_license(self.pruned_dir) or parent_license(self.recipe.parent)
-        return write_cards(self.out, self.recipe, read_json(self.metrics_path, {}), license, self.command)
+        metrics = read_json(self.metrics_path, {})
+        return write_cards(self.out, self.recipe, metrics, license, self.command, self.card_figures())
+
+    def card_figures(self) -> list[str]:
+        """PNG files the cards show, already in each model folder; a single run has none (sweeps do)."""
+        return []
 
     def stage_push(self) -> dict[str, PushResult]:
         """Publish the run's models (see `hub.published_kinds`) and record each commit in metrics.json."""
@@ -404,9 +413,9 @@ def render_cards(recipe: Recipe) -> list[Path]:
     return Run(recipe).stage_card()
 
 
-def describe_plan(recipe: Recipe, stop_after: str | None = None) -> dict[str, Any]:
+def describe_plan(recipe: Recipe, stop_after: str | None = None, runner: Run | None = None) -> dict[str, Any]:
     """What a run would do, from configs only: stages (and whether they would run), paths, shapes."""
-    runner = Run(recipe)
+    runner = runner or Run(recipe)
     config = load_parent_config(recipe.parent)
     shape = runner.pruner.plan(config, recipe.prune.ratio)
     stages = runner.stages(stop_after)

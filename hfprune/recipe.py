@@ -266,6 +266,18 @@ class Recipe(_Strict):
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
     """Read, override and validate a recipe; raise `RecipeError` with every problem found."""
     source = str(path)
+    raw = read_recipe_yaml(path)
+    if "sweep" in raw:
+        raise RecipeError(
+            source, [("sweep", "this recipe is a sweep: run it with `hfprune sweep` (one cell: --only)")]
+        )
+    problems = apply_overrides(raw, overrides)
+    return validate_recipe(raw, source, problems)
+
+
+def read_recipe_yaml(path: str | Path) -> dict[str, Any]:
+    """The raw mapping of a recipe file; `RecipeError` when it is missing or not a YAML mapping."""
+    source = str(path)
     try:
         raw = yaml.safe_load(Path(path).read_text())
     except FileNotFoundError:
@@ -274,8 +286,7 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         raise RecipeError(source, [("", f"not valid YAML: {err}")]) from None
     if not isinstance(raw, dict):
         raise RecipeError(source, [("", "a recipe must be a YAML mapping")])
-    problems = apply_overrides(raw, overrides)
-    return validate_recipe(raw, source, problems)
+    return raw
 
 
 def validate_recipe(
@@ -286,7 +297,7 @@ def validate_recipe(
     try:
         recipe = Recipe.model_validate(raw)
     except ValidationError as err:
-        problems += [(_path(e["loc"]), _message(e)) for e in err.errors()]
+        problems += validation_problems(err)
     problems += _pruner_problems(raw.get("prune"))
     if problems:
         raise RecipeError(source, problems)
@@ -354,6 +365,11 @@ def _is_string_field(parts: list[str]) -> bool:
             return False
         model = fields[part].annotation
     return model is str or model == (str | None)
+
+
+def validation_problems(err: ValidationError, prefix: str = "") -> list[tuple[str, str]]:
+    """(key path, message) for every error pydantic found, paths starting with `prefix`."""
+    return [(prefix + _path(e["loc"]), _message(e)) for e in err.errors()]
 
 
 def _path(loc: tuple[Any, ...]) -> str:

@@ -152,6 +152,17 @@ class SparsePruner(Pruner):
         steps = walk_layers(model, self._require(calibration), batch_size, desc=f"{self.name} statistics")
         return [_to_cpu(self.collect(step)) for step in steps]
 
+    def score_for_ratios(
+        self,
+        model: PreTrainedModel,
+        calibration: torch.Tensor | None,
+        ratios: list[float],
+        batch_size: int = 1,
+    ) -> list[LayerStats | None] | None:
+        """Shared only without calibration (magnitude): calibrated pruning is sequential, so each layer's
+        statistics depend on how much of the layers before it was pruned."""
+        return None if self.needs_calibration else self.score(model, calibration, batch_size)
+
     @torch.no_grad()
     def apply(self, model: PreTrainedModel, scores: list[LayerStats | None], ratio: float) -> PruneResult:
         self._check_ratio(ratio)

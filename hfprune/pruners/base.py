@@ -115,6 +115,21 @@ class Pruner(ABC):
     def apply(self, model: PreTrainedModel, scores: Any, ratio: float) -> PruneResult:
         """Build the pruned model from scores; may reuse (and so change) `model` to save memory."""
 
+    def score_for_ratios(
+        self,
+        model: PreTrainedModel,
+        calibration: torch.Tensor | None,
+        ratios: list[float],
+        batch_size: int = 1,
+    ) -> Any | None:
+        """Scores from which `apply` can build the pruned model at every ratio in `ratios`.
+
+        A sweep scores the parent once per method and applies the scores to a copy of the parent at
+        each ratio. None means the method cannot share them: what it measures depends on the ratio
+        (sequential sparse pruning feeds each layer the already-pruned outputs of the one before).
+        """
+        return self.score(model, calibration, batch_size=batch_size)
+
     def prune(
         self, model: PreTrainedModel, calibration: torch.Tensor | None, ratio: float, batch_size: int = 1
     ) -> PruneResult:

@@ -197,6 +197,17 @@ class MinitronDepthPruner(DepthPruner):
         result.seconds = time.perf_counter() - begin
         return result
 
+    def score_for_ratios(
+        self,
+        model: PreTrainedModel,
+        calibration: torch.Tensor | None,
+        ratios: list[float],
+        batch_size: int = 1,
+    ) -> BlockScores:
+        """Every block length the ratios need, scored in one pass over the starts."""
+        lengths = sorted({self.block_length(model.config, ratio) for ratio in ratios})
+        return self.score(model, calibration, batch_size, lengths=lengths)
+
     def apply(self, model: PreTrainedModel, scores: BlockScores, ratio: float) -> PruneResult:
         shape = self.plan(model.config, ratio)
         count = model.config.num_hidden_layers
