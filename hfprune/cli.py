@@ -177,8 +177,9 @@ def format_metrics_table(metrics: dict[str, Any]) -> str:
 @main.command()
 @click.argument("recipes", nargs=-1, type=click.Path(dir_okay=False))
 def validate(recipes: tuple[str, ...]) -> None:
-    """Validate recipes (default: every YAML file in recipes/)."""
-    from hfprune.recipe import RecipeError, load_recipe
+    """Validate recipes, sweeps included (default: every YAML file in recipes/)."""
+    from hfprune.recipe import RecipeError, load_recipe, read_recipe_yaml
+    from hfprune.sweep import load_sweep
 
     paths = [Path(r) for r in recipes] or sorted(RECIPES_DIR.glob("*.yaml"))
     if not paths:
@@ -187,8 +188,12 @@ def validate(recipes: tuple[str, ...]) -> None:
     failures = 0
     for path in paths:
         try:
-            load_recipe(path)
-            click.echo(f"ok       {path}")
+            if "sweep" in read_recipe_yaml(path):
+                cells = load_sweep(path).cells
+                click.echo(f"ok       {path} (sweep of {len(cells)} cells)")
+            else:
+                load_recipe(path)
+                click.echo(f"ok       {path}")
         except RecipeError as err:
             failures += 1
             click.echo(f"invalid  {err}", err=True)

@@ -560,5 +560,5 @@ def format_plan(plan: dict[str, Any]) -> str:
             f"{row['ratio_achieved']:.4f} | {row['token_budget'] or '-'} | {', '.join(row['scratch_shared_with']) or '-'} |"
         )
     if any(row["budget"] == NO_CONTINUATION for row in plan["cells"]):
-        lines.append(f"Larger budgets {NO_CONTINUATION}.")
+        lines.append(f"Budgets above the smallest: each cell {NO_CONTINUATION}.")
     return "\n".join(lines)

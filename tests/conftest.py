@@ -88,20 +88,10 @@ def tiny_parent_dir(tmp_path_factory, tiny_tokenizer) -> Path:
     return path
 
 
-@pytest.fixture
-def write_recipe(tmp_path, tiny_parent_dir):
-    """Write a tiny-parent recipe into tmp_path (extra YAML appended) and return its path."""
-
-    def write(extra: str = "", name: str = "tiny", ratio: float = 0.5, method: str = "shortgpt") -> Path:
-        text = textwrap.dedent(
-            f"""\
-            name: {name}
-            output_dir: {tmp_path / "out" / name}
-            parent:
-              model: {tiny_parent_dir}
-            prune:
-              method: {method}
-              ratio: {ratio}
+def tiny_recipe_yaml(name: str, output_dir: Path, parent: Path, prune: str = "", max_windows: int = 8) -> str:
+    """The YAML of a recipe on the tiny parent: calibration and a pydoc perplexity set, `prune` spliced in."""
+    return f"name: {name}\noutput_dir: {output_dir}\nparent:\n  model: {parent}\n{prune}" + textwrap.dedent(
+        f"""\
             calibration:
               num_samples: 4
               seq_len: 64
@@ -110,9 +100,18 @@ def write_recipe(tmp_path, tiny_parent_dir):
                 - name: pydoc
                   dataset: {{path: "hfprune:pydoc_topics", split: test}}
                   seq_len: 64
-                  max_windows: 8
+                  max_windows: {max_windows}
             """
-        )
+    )
+
+
+@pytest.fixture
+def write_recipe(tmp_path, tiny_parent_dir):
+    """Write a tiny-parent recipe into tmp_path (extra YAML appended) and return its path."""
+
+    def write(extra: str = "", name: str = "tiny", ratio: float = 0.5, method: str = "shortgpt") -> Path:
+        prune = f"prune:\n  method: {method}\n  ratio: {ratio}\n"
+        text = tiny_recipe_yaml(name, tmp_path / "out" / name, tiny_parent_dir, prune=prune, max_windows=8)
         path = tmp_path / f"{name}.yaml"
         path.write_text(text + textwrap.dedent(extra))
         return path

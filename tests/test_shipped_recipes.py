@@ -1,4 +1,4 @@
-"""Every YAML in recipes/ validates and opens with the command that runs it."""
+"""Every YAML in recipes/ (sweeps included) validates and opens with the command that runs it."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from hfprune.recipe import load_recipe
+from hfprune.recipe import load_recipe, read_recipe_yaml
+from hfprune.sweep import load_sweep
 
 
 RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
@@ -18,7 +19,11 @@ def test_recipes_exist():
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
 def test_recipe_is_valid_and_documents_its_command(path):
-    load_recipe(path)
+    command = "sweep" if "sweep" in read_recipe_yaml(path) else "run"
+    if command == "sweep":
+        assert load_sweep(path).cells
+    else:
+        load_recipe(path)
     header = [line for line in path.read_text().splitlines() if line.startswith("#")]
     assert header and path.read_text().startswith("#")
-    assert any(f"hfprune run recipes/{path.name}" in line for line in header)
+    assert any(f"hfprune {command} recipes/{path.name}" in line for line in header)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import VOCAB_SIZE, tiny_model
+from conftest import VOCAB_SIZE, tiny_model, tiny_recipe_yaml
 
 from hfprune import sweep as sweep_module
 from hfprune.cli import main
@@ -31,23 +31,7 @@ def write_sweep(tmp_path, tiny_parent_dir):
     """A sweep recipe on the tiny parent; `sweep` is the YAML of the sweep section."""
 
     def write(sweep: str, extra: str = TRAIN, name: str = "grid", every_tokens: int | None = None) -> Path:
-        text = textwrap.dedent(
-            f"""\
-            name: {name}
-            output_dir: {tmp_path / "out" / name}
-            parent:
-              model: {tiny_parent_dir}
-            calibration:
-              num_samples: 4
-              seq_len: 64
-            eval:
-              perplexity:
-                - name: pydoc
-                  dataset: {{path: "hfprune:pydoc_topics", split: test}}
-                  seq_len: 64
-                  max_windows: 4
-            """
-        )
+        text = tiny_recipe_yaml(name, tmp_path / "out" / name, tiny_parent_dir, max_windows=4)
         if every_tokens:
             text += f"  every_tokens: {every_tokens}\n"
         path = tmp_path / f"{name}.yaml"
