@@ -34,6 +34,7 @@ class RunRow:
     ratio_achieved: float | None
     budget: int | None
     params: int | None
+    params_non_embedding: int | None
     metric: str
     parent: float | None
     pruned: float | None
@@ -41,6 +42,8 @@ class RunRow:
     scratch: float | None
     tokens_trained: int | None
     curves: dict[str, list[dict[str, float]]] = field(default_factory=dict)
+    protocol: dict[str, Any] = field(default_factory=dict)
+    scratch_shared_from: str | None = None
 
     @property
     def gap(self) -> float | None:
@@ -76,6 +79,7 @@ def read_run(folder: Path) -> RunRow:
         ratio_achieved=report.get("ratio_achieved"),
         budget=train.get("token_budget"),
         params=report.get("params_after", {}).get("total"),
+        params_non_embedding=report.get("params_after", {}).get("non_embedding"),
         metric=metric,
         parent=_score(metrics, "parent", metric),
         pruned=_score(metrics, "pruned", metric),
@@ -85,6 +89,15 @@ def read_run(folder: Path) -> RunRow:
         curves={
             run: metrics[run]["curve"] for run in ("continued", "scratch") if "curve" in metrics.get(run, {})
         },
+        protocol=next(
+            (
+                metrics[m]["perplexity"][metric].get("protocol", {})
+                for m in ("parent", "pruned", "continued", "scratch")
+                if metric in metrics.get(m, {}).get("perplexity", {})
+            ),
+            {},
+        ),
+        scratch_shared_from=metrics.get("scratch", {}).get("shared_from"),
     )
 
 
@@ -92,9 +105,57 @@ def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
+def _params(row: RunRow) -> str:
+    if not row.params:
+        return "-"
+    if row.params_non_embedding is None:
+        return f"{row.params / 1e6:.1f}M"
+    return f"{row.params / 1e6:.1f}M ({row.params_non_embedding / 1e6:.1f}M)"
+
+
+def describe_protocol(protocol: dict[str, Any]) -> str:
+    """The evaluation protocol in words, from a perplexity result's `protocol` record."""
+    if not protocol:
+        return "protocol recorded in each run's metrics.json"
+    dataset = protocol.get("dataset", {})
+    source = dataset.get("data_files") or dataset.get("path", "?")
+    split = f", split {dataset['split']}" if dataset.get("split") else ""
+    return (
+        f"`{source}`{split}: {protocol.get('windows', '?')} windows of {protocol.get('seq_len', '?')} tokens "
+        f"({protocol.get('tokens', '?')} scored tokens){', BOS prepended' if protocol.get('bos') else ''}"
+    )
+
+
+def finding_lines(rows: list[RunRow]) -> list[str]:
+    """Finding 1 of the study, checked per budget: does the pruned start beat random init, and by how much."""
+    header = (
+        "| training tokens | cells | continued beats scratch | median scratch / continued perplexity | "
+        "median continued - scratch |"
+    )
+    lines = [
+        header,
+        "|---:|---:|---:|---:|---:|",
+    ]
+    budgets = sorted({r.budget for r in rows if r.gap is not None and r.budget})
+    for budget in budgets:
+        cells = [r for r in rows if r.budget == budget and r.gap is not None]
+        wins = sum(r.gap < 0 for r in cells)
+        ratios = sorted(r.scratch / r.continued for r in cells if r.continued)
+        gaps = sorted(r.gap for r in cells)
+        lines.append(
+            f"| {budget:,} | {len(cells)} | {wins} of {len(cells)} | {_median(ratios):.1f}x | {_median(gaps):.2f} |"
+        )
+    return lines if budgets else []
+
+
+def _median(values: list[float]) -> float:
+    middle = len(values) // 2
+    return values[middle] if len(values) % 2 else (values[middle - 1] + values[middle]) / 2
+
+
 def budget_table(rows: list[RunRow]) -> list[str]:
     lines = [
-        "| method | ratio (achieved) | params | pruned | continued | scratch | continued - scratch |",
+        "| method | ratio (achieved) | params (non-embedding) | pruned | continued | scratch | continued - scratch |",
         "|---|---|---:|---:|---:|---:|---:|",
     ]
     for r in sorted(rows, key=lambda r: (r.method, r.ratio)):
@@ -102,10 +163,10 @@ def budget_table(rows: list[RunRow]) -> list[str]:
         if r.gap is not None and r.gap > 0:
             gap = f"**{gap} (scratch wins)**"
         achieved = f"{r.ratio} ({r.ratio_achieved:.3f})" if r.ratio_achieved is not None else str(r.ratio)
-        params = f"{r.params / 1e6:.1f}M" if r.params else "-"
+        scratch = _fmt(r.scratch) + (f" (twin of {r.scratch_shared_from})" if r.scratch_shared_from else "")
         lines.append(
-            f"| {r.method} | {achieved} | {params} | {_fmt(r.pruned)} | {_fmt(r.continued)} | "
-            f"{_fmt(r.scratch)} | {gap} |"
+            f"| {r.method} | {achieved} | {_params(r)} | {_fmt(r.pruned)} | {_fmt(r.continued)} | "
+            f"{scratch} | {gap} |"
         )
     return lines
 
@@ -117,11 +178,15 @@ def render_markdown(rows: list[RunRow], plots: list[str]) -> str:
         "# hfprune report",
         "",
         (
-            f"Score: held-out perplexity on `{metric}` (lower is better; protocol in each run's metrics.json). "
-            f"Parent: {_fmt(parent)}. A negative gap means the pruned initialisation beats random init "
-            "trained on the same tokens."
+            f"Score: held-out perplexity on `{metric}`, lower is better; {describe_protocol(rows[0].protocol)}. "
+            f"Parent: {_fmt(parent)}. Parameters are the pruned model's total and, in brackets, non-embedding "
+            "count (for sparse models, the weights left after masking); the scratch twin has the same count. "
+            "A negative gap means the pruned initialisation beats random init trained on the same tokens."
         ),
     ]
+    finding = finding_lines(rows)
+    if finding:
+        out += ["", "## Pruned vs random init, per budget", "", *finding]
     for budget in sorted({r.budget for r in rows}, key=lambda b: (b is None, b or 0)):
         title = f"{budget:,} training tokens" if budget else "no training"
         out += ["", f"## {title}", "", *budget_table([r for r in rows if r.budget == budget])]
@@ -130,7 +195,8 @@ def render_markdown(rows: list[RunRow], plots: list[str]) -> str:
 
 
 def plot_curves(rows: list[RunRow], path: Path) -> bool:
-    """Figure-1-style panels: perplexity against tokens trained, continued vs scratch, one per method."""
+    """Figure-1-style panels: perplexity against tokens trained, continued vs scratch, one per method
+    (per ratio, the largest budget's run)."""
     methods = sorted({r.method for r in rows if r.curves})
     if not methods:
         return False
@@ -141,7 +207,7 @@ def plot_curves(rows: list[RunRow], path: Path) -> bool:
 
     fig, axes = plt.subplots(1, len(methods), figsize=(4.5 * len(methods), 3.6), squeeze=False)
     for ax, method in zip(axes[0], methods, strict=True):
-        for row in (r for r in rows if r.method == method and r.curves):
+        for row in _longest_per_ratio([r for r in rows if r.method == method and r.curves]):
             for run, style in (("continued", "-"), ("scratch", "--")):
                 points = row.curves.get(run, [])
                 if points:
@@ -153,6 +219,15 @@ def plot_curves(rows: list[RunRow], path: Path) -> bool:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return True
+
+
+def _longest_per_ratio(rows: list[RunRow]) -> list[RunRow]:
+    """Per ratio, the run with the largest budget: its curve passes the smaller budgets' token counts."""
+    best: dict[float, RunRow] = {}
+    for row in rows:
+        if row.ratio not in best or (row.budget or 0) > (best[row.ratio].budget or 0):
+            best[row.ratio] = row
+    return [best[ratio] for ratio in sorted(best)]
 
 
 def plot_gap(rows: list[RunRow], x: str, path: Path) -> bool:

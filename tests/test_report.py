@@ -10,6 +10,15 @@ import yaml
 from hfprune.report import find_runs, write_report
 
 
+PROTOCOL = {
+    "seq_len": 256,
+    "windows": 8,
+    "tokens": 2040,
+    "bos": True,
+    "dataset": {"data_files": "test.jsonl"},
+}
+
+
 def fake_run(root: Path, name: str, method: str, ratio: float, budget: int, continued: float, scratch: float):
     folder = root / name
     (folder / "models" / "pruned").mkdir(parents=True)
@@ -22,7 +31,7 @@ def fake_run(root: Path, name: str, method: str, ratio: float, budget: int, cont
     (folder / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     curve = [{"tokens": t, "perplexity": continued * (2 - t / budget)} for t in (budget // 2, budget)]
     metrics = {
-        "parent": {"perplexity": {"hamlet": {"value": 20.0}}},
+        "parent": {"perplexity": {"hamlet": {"value": 20.0, "protocol": PROTOCOL}}},
         "pruned": {"perplexity": {"hamlet": {"value": 500.0}}},
         "continued": {
             "perplexity": {"hamlet": {"value": continued}},
@@ -32,7 +41,8 @@ def fake_run(root: Path, name: str, method: str, ratio: float, budget: int, cont
         "scratch": {"perplexity": {"hamlet": {"value": scratch}}, "tokens_trained": budget, "curve": curve},
     }
     (folder / "metrics.json").write_text(json.dumps(metrics))
-    report = {"granularity": "depth", "ratio_achieved": ratio, "params_after": {"total": 80_000_000}}
+    params = {"total": 80_000_000, "non_embedding": 60_000_000}
+    report = {"granularity": "depth", "ratio_achieved": ratio, "params_after": params}
     (folder / "models" / "pruned" / "prune_report.json").write_text(json.dumps(report))
     return folder
 
@@ -47,7 +57,11 @@ def test_report_over_a_grid(tmp_path):
     assert gaps == {(0.5, 1000): -50.0, (0.8, 1000): 5.0, (0.5, 4000): -15.0}
     text = (tmp_path / "report.md").read_text()
     assert "## 1,000 training tokens" in text and "## 4,000 training tokens" in text
-    assert "**5.00 (scratch wins)**" in text and "80.0M" in text
+    assert "**5.00 (scratch wins)**" in text and "80.0M (60.0M)" in text
+    # Finding 1 per budget: wins counted, median perplexity ratio and gap.
+    assert "| 1,000 | 2 | 1 of 2 | 1.6x | -22.50 |" in text
+    assert "| 4,000 | 1 | 1 of 1 | 1.5x | -15.00 |" in text
+    assert "`test.jsonl`: 8 windows of 256 tokens (2040 scored tokens), BOS prepended" in text
     for plot in ("curves.png", "gap_vs_ratio.png", "gap_vs_budget.png"):
         assert (tmp_path / plot).read_bytes()[:4] == b"\x89PNG"
         assert f"]({plot})" in text
