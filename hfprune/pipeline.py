@@ -262,6 +262,9 @@ class Run:
             if self.recipe.eval.every_tokens:
                 metrics[run]["curve"] = learning_curve(trainer)
             write_json(self.metrics_path, metrics)
+            # The trained model is published; its checkpoints (weights plus optimizer state, about four
+            # times the model) only served resuming this stage, and a sweep would pile them up.
+            shutil.rmtree(work_dir, ignore_errors=True)
         self._trained[run] = trainer.accelerator.unwrap_model(trainer.model)
 
     def _curve_callbacks(self, tokenizer: Any) -> list[HeldOutCurveCallback]:

@@ -43,6 +43,9 @@ def test_both_runs_train_on_the_budget(write_recipe):
     assert continued.config.num_hidden_layers == scratch.config.num_hidden_layers == 4
     assert not torch.equal(continued.lm_head.weight, scratch.lm_head.weight)
     assert not (recipe.output_path / "models/continued/training_args.bin").exists()  # pickles are not shipped
+    assert not (recipe.output_path / ".hfprune/train").exists() or not any(
+        (recipe.output_path / ".hfprune/train").iterdir()
+    )  # checkpoints go once their model is published
 
 
 class _Interrupt(TrainerCallback):
