@@ -205,16 +205,22 @@ def plot_curves(rows: list[RunRow], path: Path) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(methods), figsize=(4.5 * len(methods), 3.6), squeeze=False)
-    for ax, method in zip(axes[0], methods, strict=True):
+    columns = min(3, len(methods))
+    grid_rows = -(-len(methods) // columns)
+    fig, axes = plt.subplots(grid_rows, columns, figsize=(4.5 * columns, 3.6 * grid_rows), squeeze=False)
+    ratios = sorted({r.ratio for r in rows})
+    for ax, method in zip(axes.flat, methods, strict=False):
         for row in _longest_per_ratio([r for r in rows if r.method == method and r.curves]):
+            colour = f"C{ratios.index(row.ratio)}"  # one colour per ratio: solid continued, dashed scratch
             for run, style in (("continued", "-"), ("scratch", "--")):
                 points = row.curves.get(run, [])
                 if points:
                     ax.plot([p["tokens"] for p in points], [p["perplexity"] for p in points], style,
-                            marker="o", markersize=3, label=f"{run}, ratio {row.ratio}")  # fmt: skip
+                            color=colour, marker="o", markersize=3, label=f"{run}, ratio {row.ratio}")  # fmt: skip
         ax.set(title=method, xlabel="tokens trained", ylabel="held-out perplexity", yscale="log")
         ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(methods) :]:
+        ax.set_visible(False)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
