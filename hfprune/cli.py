@@ -124,8 +124,10 @@ _stage_command("prune", "prune", "Stop after writing the pruned checkpoint (mode
 @click.option("--dry-run", is_flag=True, help="List the cells: shapes, parameter counts, budgets, status.")
 def sweep(recipe: str, overrides: tuple[str, ...], only: tuple[str, ...], force: bool, dry_run: bool) -> None:
     from hfprune import distributed
+    from hfprune.grid import SweepError, load_sweep
     from hfprune.recipe import RecipeError
-    from hfprune.sweep import SweepError, describe_sweep, format_plan, load_sweep, run_sweep
+    from hfprune.sweep import run_sweep
+    from hfprune.sweep_plan import describe_sweep, format_plan
 
     try:
         grid = load_sweep(recipe, overrides)
@@ -178,8 +180,8 @@ def format_metrics_table(metrics: dict[str, Any]) -> str:
 @click.argument("recipes", nargs=-1, type=click.Path(dir_okay=False))
 def validate(recipes: tuple[str, ...]) -> None:
     """Validate recipes, sweeps included (default: every YAML file in recipes/)."""
+    from hfprune.grid import load_sweep
     from hfprune.recipe import RecipeError, load_recipe, read_recipe_yaml
-    from hfprune.sweep import load_sweep
 
     paths = [Path(r) for r in recipes] or sorted(RECIPES_DIR.glob("*.yaml"))
     if not paths:

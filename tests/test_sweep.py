@@ -14,9 +14,11 @@ from conftest import VOCAB_SIZE, tiny_model, tiny_recipe_yaml
 
 from hfprune import sweep as sweep_module
 from hfprune.cli import main
+from hfprune.grid import SweepError, load_sweep
 from hfprune.pruners import get_pruner
 from hfprune.recipe import RecipeError, load_recipe
-from hfprune.sweep import SweepError, describe_sweep, load_sweep, run_sweep
+from hfprune.sweep import run_sweep
+from hfprune.sweep_plan import describe_sweep
 
 
 TRAIN = """

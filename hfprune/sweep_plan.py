@@ -1,0 +1,96 @@
+"""`hfprune sweep --dry-run`: the grid from configs alone, per cell its shape, parameters, budget, status.
+
+Reads no weights: each cell's plan comes from `pipeline.describe_plan` with the sweep's `CellRun`, so its
+status (finished, partial, to run) is what `hfprune sweep` would find.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from typing import Any
+
+from hfprune.grid import Cell, Sweep
+from hfprune.pipeline import describe_plan
+from hfprune.pruners import get_pruner
+from hfprune.pruners.base import Granularity
+from hfprune.sweep import CellRun, SharedWork
+
+
+NO_CONTINUATION = (
+    "trains from the start: the schedule is fitted to each budget (cosine to its floor when the budget "
+    "is spent), so a smaller budget's last checkpoint is not a point on this run's schedule"
+)
+
+
+def describe_sweep(sweep: Sweep, only: Iterable[str] = ()) -> dict[str, Any]:
+    """The grid from configs alone: per cell its shape, parameter counts, budget and status."""
+    cells = sweep.select(only)
+    shared = SharedWork(sweep)
+    plans = {cell.id: describe_plan(cell.recipe, runner=CellRun(cell, shared)) for cell in cells}
+    smallest = min((c.token_budget for c in cells if c.token_budget), default=None)
+    twins: dict[str, list[str]] = {}
+    for cell in cells:
+        key = _planned_twin_key(cell, plans[cell.id])
+        if key:
+            twins.setdefault(key, []).append(cell.id)
+    rows = []
+    for cell in cells:
+        plan = plans[cell.id]
+        states = set(plan["stages"].values())
+        status = "finished" if states == {"up to date"} else "partial" if "up to date" in states else "to run"
+        key = _planned_twin_key(cell, plan)
+        rows.append(
+            {
+                "cell": cell.id,
+                "method": cell.method,
+                "ratio": cell.ratio,
+                "ratio_achieved": plan["ratio"]["achieved"],
+                "token_budget": cell.token_budget,
+                "status": status,
+                "output_dir": plan["output_dir"],
+                "target_shape": plan["target_shape"],
+                "params": plan["params"],
+                "scratch_shared_with": [c for c in twins.get(key, []) if c != cell.id] if key else [],
+                "budget": (
+                    NO_CONTINUATION
+                    if cell.token_budget and smallest and cell.token_budget > smallest
+                    else "smallest budget of the sweep"
+                    if cell.token_budget
+                    else "no training"
+                ),
+            }
+        )
+    return {"sweep": sweep.name, "output_dir": str(sweep.output_path), "cells": rows}
+
+
+def _planned_twin_key(cell: Cell, plan: dict[str, Any]) -> str | None:
+    """Cells whose scratch twins will be the same model (dense methods with the same target shape)."""
+    recipe = cell.recipe
+    if recipe.train is None or "scratch" not in recipe.train.runs:
+        return None
+    if (
+        not recipe.train.reinit_embeddings_and_norms
+        or get_pruner(cell.method).granularity is Granularity.SPARSE
+    ):
+        return None
+    return json.dumps([plan["target_shape"], recipe.fingerprint("train", "eval", "seed")], sort_keys=True)
+
+
+def format_plan(plan: dict[str, Any]) -> str:
+    """The dry-run plan as a table for people (the JSON goes to stdout for programs)."""
+    lines = [
+        f"sweep {plan['sweep']}: {len(plan['cells'])} cell(s) under {plan['output_dir']}",
+        "| cell | status | shape | params (pruned, non-embedding) | ratio achieved | tokens | scratch shared with |",
+        "|---|---|---|---:|---:|---:|---|",
+    ]
+    for row in plan["cells"]:
+        shape = ", ".join(f"{k}={v}" for k, v in row["target_shape"].items()) or "parent shape, masked"
+        pruned = row["params"]["pruned"]
+        lines.append(
+            f"| {row['cell']} | {row['status']} | {shape} | {pruned['non_embedding'] / 1e6:.2f}M | "
+            f"{row['ratio_achieved']:.4f} | {row['token_budget'] or '-'} | {', '.join(row['scratch_shared_with']) or '-'} |"
+        )
+    if any(row["budget"] == NO_CONTINUATION for row in plan["cells"]):
+        lines.append(f"Budgets above the smallest: each cell {NO_CONTINUATION}.")
+    return "\n".join(lines)
