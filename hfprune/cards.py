@@ -19,6 +19,7 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from hfprune.errors import RunFailure
 from hfprune.callbacks import PAPER_TRAINING_DEFAULTS
 from hfprune.hub import published_kinds, repo_id_for
 from hfprune.outputs import write_text
@@ -32,7 +33,7 @@ HUB_URL = "https://huggingface.co"
 LOCAL_BUILDERS = {"json", "csv", "text", "parquet", "arrow", "pandas", "webdataset", "imagefolder"}
 
 
-class CardError(ValueError):
+class CardError(RunFailure, ValueError):
     """Cards cannot be written: the output folder holds no pruned model yet."""
 
 

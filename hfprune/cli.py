@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from typing import Any
 import click
 
 from hfprune import __version__
+from hfprune.errors import HfpruneError
 
 
 OVERRIDES_HELP = "Overrides follow the recipe as key.path=value, e.g. prune.ratio=0.6 seed=1."
@@ -22,51 +24,39 @@ RECIPES_DIR = Path("recipes")
 
 
 def _load(recipe_path: str, overrides: tuple[str, ...]) -> Any:
-    from hfprune.recipe import RecipeError, load_recipe
+    from hfprune.recipe import load_recipe
 
-    try:
-        return load_recipe(recipe_path, overrides)
-    except RecipeError as err:
-        click.echo(f"error: invalid recipe {err}", err=True)
-        sys.exit(2)
+    return load_recipe(recipe_path, overrides)
 
 
-def _run_errors() -> tuple[type[BaseException], ...]:
-    from hfprune.data import DatasetError
-    from hfprune.hub import ParentLoadError
-    from hfprune.modeling import UnsupportedArchitectureError
-    from hfprune.outputs import OutputError
-    from hfprune.pruners.base import ShapeError
-    from hfprune.training import TrainingSetupError
+class _Commands(click.Group):
+    """Maps every `HfpruneError` to its one-line message and exit code, in one place.
 
-    return (
-        ParentLoadError,
-        DatasetError,
-        UnsupportedArchitectureError,
-        OutputError,
-        ShapeError,
-        TrainingSetupError,
-        *_publish_errors(),
-    )
+    `--debug` (or HFPRUNE_DEBUG=1) keeps the traceback for a bug report.
+    """
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except HfpruneError as err:
+            if os.environ.get("HFPRUNE_DEBUG"):
+                raise
+            click.echo(f"error: {err}", err=True)
+            sys.exit(err.exit_code)
 
 
-def _publish_errors() -> tuple[type[BaseException], ...]:
-    from hfprune.cards import CardError
-    from hfprune.hub import PushError
-    from hfprune.lmeval import LmEvalError
-
-    return (PushError, CardError, LmEvalError)
-
-
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="hfprune")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
-def main(verbose: bool) -> None:
+@click.option("--debug", is_flag=True, help="Show the traceback of a failure (also HFPRUNE_DEBUG=1).")
+def main(verbose: bool, debug: bool) -> None:
     """hfprune: prune a Hugging Face Llama into a small model, train it beside a random-init twin,
     evaluate and publish both."""
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
+    if debug:
+        os.environ["HFPRUNE_DEBUG"] = "1"
 
 
 def _stage_command(name: str, stop_after: str | None, summary: str) -> None:
@@ -89,9 +79,6 @@ def _execute(recipe: Any, *, force: bool, dry_run: bool, stop_after: str | None)
             click.echo(json.dumps(pipeline.describe_plan(recipe, stop_after), indent=2))
             return
         summary = pipeline.run(recipe, force=force, stop_after=stop_after)
-    except _run_errors() as err:
-        click.echo(f"error: {err}", err=True)
-        sys.exit(1)
     finally:
         distributed.shutdown()
     if not distributed.is_main_process():
@@ -124,20 +111,12 @@ _stage_command("prune", "prune", "Stop after writing the pruned checkpoint (mode
 @click.option("--dry-run", is_flag=True, help="List the cells: shapes, parameter counts, budgets, status.")
 def sweep(recipe: str, overrides: tuple[str, ...], only: tuple[str, ...], force: bool, dry_run: bool) -> None:
     from hfprune import distributed
-    from hfprune.grid import SweepError, load_sweep
-    from hfprune.recipe import RecipeError
+    from hfprune.grid import load_sweep
     from hfprune.sweep import run_sweep
     from hfprune.sweep_plan import describe_sweep, format_plan
 
-    try:
-        grid = load_sweep(recipe, overrides)
-        grid.select(only)
-    except RecipeError as err:
-        click.echo(f"error: invalid recipe {err}", err=True)
-        sys.exit(2)
-    except SweepError as err:
-        click.echo(f"error: {err}", err=True)
-        sys.exit(2)
+    grid = load_sweep(recipe, overrides)
+    grid.select(only)
     try:
         if dry_run:
             plan = describe_sweep(grid, only)
@@ -145,9 +124,6 @@ def sweep(recipe: str, overrides: tuple[str, ...], only: tuple[str, ...], force:
             click.echo(json.dumps(plan, indent=2))
             return
         summary = run_sweep(grid, only, force=force)
-    except _run_errors() as err:
-        click.echo(f"error: {err}", err=True)
-        sys.exit(1)
     finally:
         distributed.shutdown()
     if distributed.is_main_process():
@@ -198,7 +174,7 @@ def validate(recipes: tuple[str, ...]) -> None:
                 click.echo(f"ok       {path}")
         except RecipeError as err:
             failures += 1
-            click.echo(f"invalid  {err}", err=True)
+            click.echo(f"error: {err}", err=True)
     sys.exit(2 if failures else 0)
 
 
@@ -262,11 +238,7 @@ def push(output_dir: str, overrides: tuple[str, ...]) -> None:
             err=True,
         )
         sys.exit(2)
-    try:
-        results = pipeline.publish(recipe)
-    except _run_errors() as err:
-        click.echo(f"error: {err}", err=True)
-        sys.exit(1)
+    results = pipeline.publish(recipe)
     for kind, result in results.items():
         state = "new commit" if result.new_commit else "unchanged"
         click.echo(f"{kind:<10} {result.repo_id:<40} {state:<10} {result.commit_url}")
@@ -281,11 +253,7 @@ def card(output_dir: str, overrides: tuple[str, ...]) -> None:
     from hfprune import pipeline
 
     recipe = _load_output(output_dir, overrides)
-    try:
-        paths = pipeline.render_cards(recipe)
-    except _run_errors() as err:
-        click.echo(f"error: {err}", err=True)
-        sys.exit(1)
+    paths = pipeline.render_cards(recipe)
     for path in paths:
         click.echo(str(path))
 

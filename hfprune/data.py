@@ -12,6 +12,8 @@ from collections.abc import Iterator
 from typing import Any, Protocol
 
 import torch
+from hfprune.errors import RunFailure
+
 
 
 logger = logging.getLogger(__name__)
@@ -29,7 +31,7 @@ class DatasetLike(Protocol):
     text_field: str
 
 
-class DatasetError(ValueError):
+class DatasetError(RunFailure, ValueError):
     """A dataset spec that cannot be read: missing files, unknown columns, too little text."""
 
 

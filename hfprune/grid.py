@@ -17,6 +17,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator
 
+from hfprune.errors import InvalidInput
 from hfprune.pruners import UnknownPrunerError, get_pruner
 from hfprune.recipe import (
     Recipe,
@@ -36,7 +37,7 @@ SELECTOR_KEYS = {
 }
 
 
-class SweepError(ValueError):
+class SweepError(InvalidInput, ValueError):
     """A bad `--only` selection; the message lists the grid's values."""
 
 

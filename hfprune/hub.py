@@ -27,13 +27,14 @@ from huggingface_hub.errors import (
 )
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
 
+from hfprune.errors import RunFailure
 from hfprune.modeling import check_supported
 
 
 logger = logging.getLogger(__name__)
 
 
-class ParentLoadError(RuntimeError):
+class ParentLoadError(RunFailure, RuntimeError):
     """The parent could not be found or fetched; the message says what was tried and what to do."""
 
 
@@ -146,7 +147,7 @@ RETRY_STATUSES = {408, 409, 412, 425, 429, 500, 502, 503, 504}
 RETRY_BACKOFF_SECONDS = 2.0
 
 
-class PushError(RuntimeError):
+class PushError(RunFailure, RuntimeError):
     """Publishing failed; the local outputs are untouched and the message says how to retry."""
 
 

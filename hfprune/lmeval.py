@@ -23,6 +23,8 @@ from dataclasses import asdict, dataclass
 from itertools import groupby
 from pathlib import Path
 from typing import Any
+from hfprune.errors import RunFailure
+
 
 
 logger = logging.getLogger(__name__)
@@ -33,7 +35,7 @@ LOWER_IS_BETTER = frozenset({"word_perplexity", "byte_perplexity", "bits_per_byt
 AVERAGE_DEFINITION = "unweighted mean of each listed entry's reported metric (a fraction), one entry = one task at one shot count"
 
 
-class LmEvalError(ValueError):
+class LmEvalError(RunFailure, ValueError):
     """An lm-eval setup that cannot run (unknown task, missing metric, missing include_path)."""
 
 

@@ -13,13 +13,15 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
+from hfprune.errors import RunFailure
+
 
 
 SUPPORTED_MODEL_TYPES = ("llama",)
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
 
 
-class UnsupportedArchitectureError(ValueError):
+class UnsupportedArchitectureError(RunFailure, ValueError):
     """The parent is not a Llama-family decoder with the LlamaForCausalLM layout."""
 
 

@@ -17,9 +17,11 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from hfprune.errors import RunFailure
 
 
-class OutputError(OSError):
+
+class OutputError(RunFailure, OSError):
     """Writing an output failed (full disk, permissions); nothing that existed was replaced."""
 
 

@@ -17,17 +17,18 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from hfprune.errors import InvalidInput
 from hfprune.pruners import PRUNERS, UnknownPrunerError, get_pruner
 
 
-class RecipeError(ValueError):
+class RecipeError(InvalidInput, ValueError):
     """An invalid recipe; `problems` holds (key path, message) pairs, all of them at once."""
 
     def __init__(self, source: str, problems: list[tuple[str, str]]):
         self.source = source
         self.problems = problems
         lines = "\n".join(f"  {path or '<root>'}: {msg}" for path, msg in problems)
-        super().__init__(f"{source}: {len(problems)} problem(s)\n{lines}")
+        super().__init__(f"invalid recipe {source}: {len(problems)} problem(s)\n{lines}")
 
 
 class _Strict(BaseModel):

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, TrainerCallback, TrainingArguments
 
+from hfprune.errors import RunFailure
 from hfprune import distributed
 from hfprune.callbacks import PAPER_TRAINING_DEFAULTS, budget_schedule
 from hfprune.data import iter_texts
@@ -33,7 +34,7 @@ logger = logging.getLogger(__name__)
 COMPLETE_MARKER = ".hfprune-complete"
 
 
-class TrainingSetupError(ValueError):
+class TrainingSetupError(RunFailure, ValueError):
     """The training setup cannot spend the budget as asked; raised before the first step."""
 
 

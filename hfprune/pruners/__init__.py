@@ -11,6 +11,7 @@ import difflib
 import re
 from collections.abc import Callable
 
+from hfprune.errors import InvalidInput
 from hfprune.pruners.base import Granularity, Pruner, PruneResult, PrunerOptions, TargetShape
 
 
@@ -18,7 +19,7 @@ PRUNERS: dict[str, type[Pruner]] = {}
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
 
-class UnknownPrunerError(KeyError):
+class UnknownPrunerError(InvalidInput, KeyError):
     """Raised for a method name that is not in the registry; the message suggests close names."""
 
     def __str__(self) -> str:

@@ -14,12 +14,14 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
+from hfprune.errors import RunFailure
+
 
 
 PATTERNS = ("unstructured", "2:4", "4:8")
 
 
-class HessianError(ValueError):
+class HessianError(RunFailure, ValueError):
     """A calibration Hessian that SparseGPT cannot invert (not positive definite, or not finite)."""
 
 

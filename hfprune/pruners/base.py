@@ -18,6 +18,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 from transformers import PretrainedConfig, PreTrainedModel
 
+from hfprune.errors import RunFailure
 from hfprune.modeling import ParamCount
 
 
@@ -27,7 +28,7 @@ class Granularity(StrEnum):
     SPARSE = "sparse"
 
 
-class ShapeError(ValueError):
+class ShapeError(RunFailure, ValueError):
     """A ratio that no legal shape of this parent reaches; the message names the nearest one."""
 
 
