@@ -1,4 +1,4 @@
-"""Model cards, rendered from the Jinja templates in `hfprune/model_cards/` via `huggingface_hub.ModelCard`.
+"""Model cards, rendered from the Jinja templates in `model_cards/` via `huggingface_hub.ModelCard`.
 
 Runs after evaluation, once per model folder of a run (`pruned`, `continued`, `scratch`; the parent is
 not ours to describe). A card's template is its kind's file (what the model is) followed by
@@ -46,7 +46,7 @@ FIGURES_NOTE = (
 
 
 def template_path(name: str) -> Path:
-    return Path(str(resources.files("hfprune") / "model_cards" / f"{name}.md"))
+    return Path(str(resources.files("hfprune.model_cards") / f"{name}.md"))
 
 
 def template_text(kind: str) -> str:
