@@ -6,10 +6,11 @@ STAMP := $(VENV)/.installed
 
 .PHONY: test test-slow test-gpu demo lint format assets clean
 
-$(STAMP): pyproject.toml
+# pyproject.toml declares the supported ranges; constraints.txt picks the exact, tested versions inside them.
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -c constraints.txt --upgrade pip
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
 test: $(STAMP)  ## the default (fast) suite: tiny random models, no network
