@@ -4,7 +4,7 @@
 Each stage declares the fingerprint of its inputs and the outputs it owns; `Run` executes the stages
 in order, skips those whose inputs have not changed since they last finished (unless forced), and
 loads the parent lazily, so a rerun with nothing changed never touches the weights. Outputs follow
-the contract in DESIGN.md: `recipe.yaml`, `models/pruned/`, `metrics.json`.
+the output-folder layout in the README: `recipe.yaml`, `models/pruned/`, `metrics.json`.
 """
 
 from __future__ import annotations
