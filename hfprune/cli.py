@@ -68,7 +68,11 @@ def _stage_command(name: str, stop_after: str | None, summary: str) -> None:
         "--dry-run", is_flag=True, help="Print the plan (stages, paths, shapes) without loading weights."
     )
     def command(recipe: str, overrides: tuple[str, ...], force: bool, dry_run: bool) -> None:
-        _execute(_load(recipe, overrides), force=force, dry_run=dry_run, stop_after=stop_after)
+        from hfprune.preflight import preflight
+
+        loaded = _load(recipe, overrides)
+        preflight(loaded, source=recipe, training=stop_after is None)  # before any weights or folders
+        _execute(loaded, force=force, dry_run=dry_run, stop_after=stop_after)
 
 
 def _execute(recipe: Any, *, force: bool, dry_run: bool, stop_after: str | None) -> None:
@@ -112,11 +116,12 @@ _stage_command("prune", "prune", "Stop after writing the pruned checkpoint (mode
 def sweep(recipe: str, overrides: tuple[str, ...], only: tuple[str, ...], force: bool, dry_run: bool) -> None:
     from hfprune import distributed
     from hfprune.grid import load_sweep
+    from hfprune.preflight import preflight_cells
     from hfprune.sweep import run_sweep
     from hfprune.sweep_plan import describe_sweep, format_plan
 
     grid = load_sweep(recipe, overrides)
-    grid.select(only)
+    preflight_cells(grid.select(only), source=recipe)  # every selected cell, before any weights or folders
     try:
         if dry_run:
             plan = describe_sweep(grid, only)
@@ -154,28 +159,58 @@ def format_metrics_table(metrics: dict[str, Any]) -> str:
 
 @main.command()
 @click.argument("recipes", nargs=-1, type=click.Path(dir_okay=False))
-def validate(recipes: tuple[str, ...]) -> None:
+@click.option(
+    "--parent/--no-parent",
+    default=None,
+    help="Check sequence lengths and the architecture against the parent's config. Default: only when "
+    "parent.model is a local folder (no network); --parent also fetches a Hub parent's config.",
+)
+@click.option(
+    "--files/--no-files",
+    default=True,
+    show_default=True,
+    help="Check local dataset files and the output folder on this machine.",
+)
+def validate(recipes: tuple[str, ...], parent: bool | None, files: bool) -> None:
     """Validate recipes, sweeps included (default: every YAML file in recipes/)."""
-    from hfprune.grid import load_sweep
-    from hfprune.recipe import RecipeError, load_recipe, read_recipe_yaml
-
     paths = [Path(r) for r in recipes] or sorted(RECIPES_DIR.glob("*.yaml"))
     if not paths:
         click.echo(f"error: no recipes given and none found in {RECIPES_DIR}/", err=True)
         sys.exit(2)
-    failures = 0
-    for path in paths:
-        try:
-            if "sweep" in read_recipe_yaml(path):
-                cells = load_sweep(path).cells
-                click.echo(f"ok       {path} (sweep of {len(cells)} cells)")
-            else:
-                load_recipe(path)
-                click.echo(f"ok       {path}")
-        except RecipeError as err:
-            failures += 1
-            click.echo(f"error: {err}", err=True)
-    sys.exit(2 if failures else 0)
+    # Checked as `run` checks before any work; exit 2 for an invalid recipe, 1 for an unreadable parent.
+    sys.exit(max(_validate_one(path, parent, files) for path in paths))
+
+
+def _validate_one(path: Path, parent: bool | None, files: bool) -> int:
+    """Validate one recipe or sweep (schema, then `hfprune.preflight`); print ok or its problems."""
+    from hfprune.errors import HfpruneError
+    from hfprune.grid import load_sweep
+    from hfprune.preflight import preflight, preflight_cells
+    from hfprune.recipe import load_recipe, read_recipe_yaml
+
+    try:
+        if "sweep" in read_recipe_yaml(path):
+            cells = load_sweep(path).cells
+            check_parent = parent if parent is not None else _local_parent(cells[0].recipe)
+            preflight_cells(cells, source=str(path), parent=check_parent, files=files)
+            note = f"sweep of {len(cells)} cells"
+        else:
+            recipe = load_recipe(path)
+            check_parent = parent if parent is not None else _local_parent(recipe)
+            preflight(recipe, source=str(path), parent=check_parent, files=files)
+            note = ""
+    except HfpruneError as err:
+        click.echo(f"error: {err}", err=True)
+        return err.exit_code
+    if not check_parent:
+        note = ", ".join(filter(None, [note, "parent config not checked: --parent fetches it"]))
+    click.echo(f"ok       {path}" + (f" ({note})" if note else ""))
+    return 0
+
+
+def _local_parent(recipe: Any) -> bool:
+    """Whether the parent's config is at hand without the network (a local folder, GGUF included)."""
+    return Path(recipe.parent.model).expanduser().is_dir()
 
 
 @main.command(name="ls")

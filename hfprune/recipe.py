@@ -1,9 +1,13 @@
 """Recipes: the typed, validated description of one experiment.
 
-First stage of the pipeline. `load_recipe(path, overrides)` reads YAML, applies `key.path=value`
-overrides, validates everything against the schema below (unknown keys rejected) and against the
-chosen pruner's own options schema, and raises `RecipeError` listing every problem at once with its
-key path. Nothing downstream ever sees a raw dict.
+First stage of the pipeline. `load_recipe(path, overrides)` reads YAML and applies `key.path=value`
+overrides (`hfprune.recipe_raw`), validates everything against the schema below (unknown keys
+rejected), against the chosen pruner's own options schema and, for `train.args`, by building the
+run's `TrainingArguments` (`hfprune.train_args`), and raises `RecipeError` listing every problem at
+once with its key path. Downstream code gets a `Recipe`, not the YAML; its two free-form mappings,
+`prune.options` (turned into the pruner's `Options` when the pruner is built) and `train.args` (passed to
+`TrainingArguments`), stay dicts but were checked here. What needs the parent's config or the file system
+is checked next, by `hfprune.preflight`.
 """
 
 from __future__ import annotations
@@ -17,18 +21,13 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from hfprune.errors import InvalidInput
 from hfprune.pruners import PRUNERS, UnknownPrunerError, get_pruner
+from hfprune.recipe_raw import RecipeError, read_recipe_yaml
+from hfprune.recipe_raw import apply_overrides as _apply_overrides
+from hfprune.train_args import training_args_problems
 
 
-class RecipeError(InvalidInput, ValueError):
-    """An invalid recipe; `problems` holds (key path, message) pairs, all of them at once."""
-
-    def __init__(self, source: str, problems: list[tuple[str, str]]):
-        self.source = source
-        self.problems = problems
-        lines = "\n".join(f"  {path or '<root>'}: {msg}" for path, msg in problems)
-        super().__init__(f"invalid recipe {source}: {len(problems)} problem(s)\n{lines}")
+__all__ = ["Recipe", "RecipeError", "apply_overrides", "load_recipe", "read_recipe_yaml", "validate_recipe"]
 
 
 class _Strict(BaseModel):
@@ -276,20 +275,6 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     return validate_recipe(raw, source, problems)
 
 
-def read_recipe_yaml(path: str | Path) -> dict[str, Any]:
-    """The raw mapping of a recipe file; `RecipeError` when it is missing or not a YAML mapping."""
-    source = str(path)
-    try:
-        raw = yaml.safe_load(Path(path).read_text())
-    except FileNotFoundError:
-        raise RecipeError(source, [("", "file not found")]) from None
-    except yaml.YAMLError as err:
-        raise RecipeError(source, [("", f"not valid YAML: {err}")]) from None
-    if not isinstance(raw, dict):
-        raise RecipeError(source, [("", "a recipe must be a YAML mapping")])
-    return raw
-
-
 def validate_recipe(
     raw: dict[str, Any], source: str, problems: list[tuple[str, str]] | None = None
 ) -> Recipe:
@@ -300,10 +285,24 @@ def validate_recipe(
     except ValidationError as err:
         problems += validation_problems(err)
     problems += _pruner_problems(raw.get("prune"))
+    problems += _train_args_problems(raw)
     if problems:
         raise RecipeError(source, problems)
     assert recipe is not None
     return recipe
+
+
+def _train_args_problems(raw: dict[str, Any]) -> list[tuple[str, str]]:
+    """`train.args` checked by building the run's TrainingArguments, even when other sections are wrong."""
+    train = raw.get("train")
+    if not isinstance(train, dict) or not train.get("args"):
+        return []
+    try:
+        spec = TrainSpec.model_validate(train)
+    except ValidationError:
+        return []  # reported with the rest of the recipe
+    seed = raw.get("seed", 0)
+    return training_args_problems(spec, seed if isinstance(seed, int) else 0)
 
 
 def _pruner_problems(prune: Any) -> list[tuple[str, str]]:
@@ -321,51 +320,8 @@ def _pruner_problems(prune: Any) -> list[tuple[str, str]]:
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> list[tuple[str, str]]:
-    """Set `key.path=value` overrides in place (`eval.perplexity.0.seq_len` indexes lists).
-
-    Values are typed by the schema: YAML-parsed, except that string fields keep the text as given.
-    """
-    problems = []
-    for item in overrides:
-        key, sep, text = item.partition("=")
-        if not sep or not key:
-            problems.append((item, "an override must look like key.path=value"))
-            continue
-        parts = key.split(".")
-        try:
-            parent = _walk(raw, parts[:-1])
-        except (KeyError, IndexError, TypeError) as err:
-            problems.append((key, f"cannot set this key: {err}"))
-            continue
-        value = text if _is_string_field(parts) else yaml.safe_load(text)
-        if isinstance(parent, list):
-            parent[int(parts[-1])] = value
-        else:
-            parent[parts[-1]] = value
-    return problems
-
-
-def _walk(node: Any, parts: list[str]) -> Any:
-    for part in parts:
-        if isinstance(node, list):
-            node = node[int(part)]
-        elif isinstance(node, dict):
-            node = node.setdefault(part, {})
-        else:
-            raise TypeError(f"{part!r} is inside a value that is not a section")
-    if not isinstance(node, dict | list):
-        raise TypeError("the parent key is not a section")
-    return node
-
-
-def _is_string_field(parts: list[str]) -> bool:
-    model: Any = Recipe
-    for part in parts:
-        fields = getattr(model, "model_fields", None)
-        if not fields or part not in fields:
-            return False
-        model = fields[part].annotation
-    return model is str or model == (str | None)
+    """Set `key.path=value` overrides in place, typed by the recipe schema (see `recipe_raw`)."""
+    return _apply_overrides(raw, overrides, Recipe)
 
 
 def validation_problems(err: ValidationError, prefix: str = "") -> list[tuple[str, str]]:

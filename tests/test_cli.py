@@ -60,8 +60,9 @@ def test_missing_parent_exits_1_with_a_clear_message(write_recipe, tmp_path):
 
 def test_validate_defaults_to_the_recipes_folder(monkeypatch):
     monkeypatch.chdir(Path(__file__).parent.parent)
-    result = invoke("validate")
-    assert result.exit_code == 0
+    # --no-files: the demo recipes read data that `hfprune assets` fetches, present or not on this machine.
+    result = invoke("validate", "--no-files")
+    assert result.exit_code == 0, result.output
     assert "ok       recipes/quickstart.yaml" in result.output
 
 
@@ -78,3 +79,50 @@ def test_ls_lists_pruners_and_recipes(monkeypatch):
     assert result.exit_code == 0
     assert "shortgpt" in result.output and "depth" in result.output
     assert "quickstart.yaml" in result.output
+
+
+def test_a_recipe_that_is_not_utf8_exits_2(write_recipe, tmp_path):
+    path = write_recipe()
+    path.write_bytes(path.read_bytes() + "# r\xe9sum\xe9\n".encode("latin-1"))
+    result = invoke("run", str(path))
+    assert result.exit_code == 2 and "not UTF-8 text: byte 0xe9" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_50_mb_recipe_exits_2_at_once(tmp_path):
+    path = tmp_path / "huge.yaml"
+    with path.open("wb") as handle:
+        handle.truncate(50 * 2**20)
+    for command in ("run", "validate", "sweep"):
+        result = invoke(command, str(path))
+        assert result.exit_code == 2 and "too large for a recipe (52,428,800 bytes" in result.output
+
+
+def test_malformed_overrides_exit_2_naming_each(write_recipe, tmp_path):
+    overrides = ("prune.ratio=[0.5", "eval.perplexity.x=1", "eval.perplexity.5=1")
+    result = invoke("run", str(write_recipe()), *overrides)
+    assert result.exit_code == 2 and "3 problem(s)" in result.output
+    for key in (
+        "prune.ratio: the value '[0.5' is not valid YAML",
+        "eval.perplexity.x: 'x' is not a list index",
+    ):
+        assert key in result.output
+    assert "eval.perplexity.5: index 5 is out of range: eval.perplexity has 1 item(s)" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_zero_batch_size_exits_2_before_any_work(write_recipe, tmp_path, monkeypatch):
+    import transformers
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("weights were loaded before the recipe was checked")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
+    expected = "train.args.per_device_train_batch_size: must be positive, got 0"
+    path = write_recipe("train:\n  token_budget: 4096\n  seq_len: 64\n")
+    result = invoke("run", str(path), "train.args.per_device_train_batch_size=0")
+    assert result.exit_code == 2 and expected in result.output
+    path.write_text(path.read_text() + "  args: {per_device_train_batch_size: 0}\n")
+    result = invoke("validate", str(path))
+    assert result.exit_code == 2 and expected in result.output
+    assert not (tmp_path / "out").exists()
