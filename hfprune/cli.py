@@ -23,6 +23,17 @@ OVERRIDES_HELP = "Overrides follow the recipe as key.path=value, e.g. prune.rati
 RECIPES_DIR = Path("recipes")
 
 
+def _recipes_dir() -> tuple[Path, str]:
+    """The folder `ls` and `validate` read, and how to name it: ./recipes/ when the working directory has
+    one (a checkout), else the recipes shipped inside the installed package (`hfprune.recipes`)."""
+    if RECIPES_DIR.is_dir():
+        return RECIPES_DIR, f"{RECIPES_DIR}/"
+    from importlib import resources
+
+    shipped = Path(str(resources.files("hfprune.recipes")))
+    return shipped, f"shipped with hfprune, {shipped}/"
+
+
 def _load(recipe_path: str, overrides: tuple[str, ...]) -> Any:
     from hfprune.recipe import load_recipe
 
@@ -172,11 +183,14 @@ def format_metrics_table(metrics: dict[str, Any]) -> str:
     help="Check local dataset files and the output folder on this machine.",
 )
 def validate(recipes: tuple[str, ...], parent: bool | None, files: bool) -> None:
-    """Validate recipes, sweeps included (default: every YAML file in recipes/)."""
-    paths = [Path(r) for r in recipes] or sorted(RECIPES_DIR.glob("*.yaml"))
+    """Validate recipes, sweeps included (default: every YAML file in ./recipes/, else the shipped ones)."""
+    folder, where = _recipes_dir()
+    paths = [Path(r) for r in recipes] or sorted(folder.glob("*.yaml"))
     if not paths:
-        click.echo(f"error: no recipes given and none found in {RECIPES_DIR}/", err=True)
+        click.echo(f"error: no recipes given and none found in {where}", err=True)
         sys.exit(2)
+    if not recipes:
+        click.echo(f"recipes ({where}):")
     # Checked as `run` checks before any work; exit 2 for an invalid recipe, 1 for an unreadable parent.
     sys.exit(max(_validate_one(path, parent, files) for path in paths))
 
@@ -222,8 +236,9 @@ def list_all() -> None:
     for name, cls in sorted(PRUNERS.items()):
         calib = "calibrated" if cls.needs_calibration else "no calibration"
         click.echo(f"  {name:<16} {cls.granularity!s:<7} {calib:<15} {cls.description}")
-    recipes = sorted(RECIPES_DIR.glob("*.yaml"))
-    click.echo(f"recipes ({RECIPES_DIR}/):" if recipes else f"recipes: none in {RECIPES_DIR}/")
+    folder, where = _recipes_dir()
+    recipes = sorted(folder.glob("*.yaml"))
+    click.echo(f"recipes ({where}):" if recipes else f"recipes: none in {where}")
     for path in recipes:
         first = next((ln for ln in path.read_text().splitlines() if ln.startswith("#")), "#").lstrip("# ")
         click.echo(f"  {path.name:<28} {first}")
