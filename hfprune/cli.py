@@ -152,7 +152,9 @@ def sweep(recipe: str, overrides: tuple[str, ...], only: tuple[str, ...], force:
 
 def format_metrics_table(metrics: dict[str, Any]) -> str:
     """A plain-text table of perplexities: one row per evaluation set, one column per model."""
-    models = [m for m in ("parent", "pruned", "continued", "scratch") if m in metrics]
+    from hfprune import kinds
+
+    models = [m for m in kinds.names() if m in metrics]
     sets = sorted({name for m in models for name in metrics[m].get("perplexity", {})})
     if not sets:
         return "(no evaluation results yet)"

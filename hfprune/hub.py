@@ -27,6 +27,7 @@ from huggingface_hub.errors import (
 )
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
 
+from hfprune import kinds
 from hfprune.errors import RunFailure
 from hfprune.modeling import check_supported
 
@@ -140,8 +141,6 @@ def _gguf_license(path: Path) -> str | None:
 
 
 # -- publishing -------------------------------------------------------------------------------------
-# Repo of each model of a run, relative to push.repo_prefix: the continued model is the headline one.
-REPO_SUFFIXES = {"continued": "", "scratch": "-scratch", "pruned": "-pruned"}
 # Answers worth retrying: timeouts, conflicts with a concurrent commit (412), rate limits, server errors.
 RETRY_STATUSES = {408, 409, 412, 425, 429, 500, 502, 503, 504}
 RETRY_BACKOFF_SECONDS = 2.0
@@ -164,15 +163,18 @@ class PushResult:
 
 
 def repo_id_for(prefix: str, kind: str) -> str:
-    return f"{prefix}{REPO_SUFFIXES[kind]}"
+    """The repo of one model of a run: `push.repo_prefix` plus the kind's suffix (see `hfprune.kinds`)."""
+    return f"{prefix}{kinds.get(kind).repo_suffix}"
 
 
 def published_kinds(include_pruned: bool, available: list[str]) -> list[str]:
-    """The models of a run that get a repo. Without trained models the one-shot pruned model is the
-    only result, so it is published whatever `include_pruned` says."""
-    trained = [kind for kind in ("continued", "scratch") if kind in available]
-    pruned = ["pruned"] if "pruned" in available and (include_pruned or not trained) else []
-    return trained + pruned
+    """The models of a run that get a repo: the kinds published by default, then (with `include_pruned`)
+    the others. Without any of the first, the one-shot pruned model is the only result, so it is
+    published whatever `include_pruned` says."""
+    candidates = [kind for kind in kinds.all_kinds() if kind.publishable and kind.name in available]
+    default = [kind.name for kind in candidates if kind.published_by_default]
+    optional = [kind.name for kind in candidates if not kind.published_by_default]
+    return default + (optional if include_pruned or not default else [])
 
 
 def push_folder(

@@ -6,18 +6,23 @@ machine, and writes `report.md`, `report.json` and PNG plots into DIR: one table
 (method x ratio; pruned-before-training, continued and scratch scores and the continued-minus-scratch
 gap), learning curves of continued vs scratch on the same token axis, and the gap against ratio and
 against budget. Scores are held-out perplexity (lower is better), so a negative gap means the pruned
-initialisation is ahead.
+initialisation is ahead. The models compared are the kinds of `hfprune.kinds` (one score column each),
+and the gap is the one between the kind trained from the pruned weights and the one trained from the
+random-init twin (`kinds.comparison()`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from hfprune import kinds
+from hfprune.report_plots import plot_curves, plot_gap
 
 
 logger = logging.getLogger(__name__)
@@ -25,7 +30,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class RunRow:
-    """One run: its grid coordinates, parameter count and the four scores on one evaluation set."""
+    """One run: its grid coordinates, parameter count and each model kind's score on one evaluation set."""
 
     run: str
     method: str
@@ -36,20 +41,33 @@ class RunRow:
     params: int | None
     params_non_embedding: int | None
     metric: str
-    parent: float | None
-    pruned: float | None
-    continued: float | None
-    scratch: float | None
+    scores: dict[str, float | None]
     tokens_trained: int | None
     curves: dict[str, list[dict[str, float]]] = field(default_factory=dict)
     protocol: dict[str, Any] = field(default_factory=dict)
-    scratch_shared_from: str | None = None
+    twin_shared_from: str | None = None
+
+    def score(self, kind: str) -> float | None:
+        return self.scores.get(kind)
 
     @property
     def gap(self) -> float | None:
-        if self.continued is None or self.scratch is None:
+        headline, baseline = (self.score(kind.name) for kind in kinds.comparison())
+        if headline is None or baseline is None:
             return None
-        return self.continued - self.scratch
+        return headline - baseline
+
+    def to_dict(self) -> dict[str, Any]:
+        """report.json's row: the scores as one key per kind, after `metric`."""
+        data: dict[str, Any] = {}
+        for item in fields(self):
+            if item.name == "scores":
+                data.update(self.scores)
+            elif item.name == "twin_shared_from":
+                data[f"{kinds.comparison()[1].name}_shared_from"] = self.twin_shared_from
+            else:
+                data[item.name] = getattr(self, item.name)
+        return {**data, "gap": self.gap}
 
 
 def find_runs(folder: Path) -> list[Path]:
@@ -71,6 +89,7 @@ def read_run(folder: Path) -> RunRow:
     sets = [p["name"] for p in recipe.get("eval", {}).get("perplexity", [])]
     metric = sets[0] if sets else "perplexity"
     train = recipe.get("train") or {}
+    headline, twin = kinds.comparison()
     return RunRow(
         run=folder.name,
         method=recipe["prune"]["method"],
@@ -81,23 +100,20 @@ def read_run(folder: Path) -> RunRow:
         params=report.get("params_after", {}).get("total"),
         params_non_embedding=report.get("params_after", {}).get("non_embedding"),
         metric=metric,
-        parent=_score(metrics, "parent", metric),
-        pruned=_score(metrics, "pruned", metric),
-        continued=_score(metrics, "continued", metric),
-        scratch=_score(metrics, "scratch", metric),
-        tokens_trained=metrics.get("continued", {}).get("tokens_trained"),
+        scores={kind: _score(metrics, kind, metric) for kind in kinds.names()},
+        tokens_trained=metrics.get(headline.name, {}).get("tokens_trained"),
         curves={
-            run: metrics[run]["curve"] for run in ("continued", "scratch") if "curve" in metrics.get(run, {})
+            run: metrics[run]["curve"] for run in kinds.trained_names() if "curve" in metrics.get(run, {})
         },
         protocol=next(
             (
                 metrics[m]["perplexity"][metric].get("protocol", {})
-                for m in ("parent", "pruned", "continued", "scratch")
+                for m in kinds.names()
                 if metric in metrics.get(m, {}).get("perplexity", {})
             ),
             {},
         ),
-        scratch_shared_from=metrics.get("scratch", {}).get("shared_from"),
+        twin_shared_from=metrics.get(twin.name, {}).get("shared_from"),
     )
 
 
@@ -128,9 +144,10 @@ def describe_protocol(protocol: dict[str, Any]) -> str:
 
 def finding_lines(rows: list[RunRow]) -> list[str]:
     """Finding 1 of the study, checked per budget: does the pruned start beat random init, and by how much."""
+    headline, twin = (kind.name for kind in kinds.comparison())
     header = (
-        "| training tokens | cells | continued beats scratch | median scratch / continued perplexity | "
-        "median continued - scratch |"
+        f"| training tokens | cells | {headline} beats {twin} | median {twin} / {headline} perplexity | "
+        f"median {headline} - {twin} |"
     )
     lines = [
         header,
@@ -140,7 +157,7 @@ def finding_lines(rows: list[RunRow]) -> list[str]:
     for budget in budgets:
         cells = [r for r in rows if r.budget == budget and r.gap is not None]
         wins = sum(r.gap < 0 for r in cells)
-        ratios = sorted(r.scratch / r.continued for r in cells if r.continued)
+        ratios = sorted(r.score(twin) / r.score(headline) for r in cells if r.score(headline))
         gaps = sorted(r.gap for r in cells)
         lines.append(
             f"| {budget:,} | {len(cells)} | {wins} of {len(cells)} | {_median(ratios):.1f}x | {_median(gaps):.2f} |"
@@ -154,26 +171,29 @@ def _median(values: list[float]) -> float:
 
 
 def budget_table(rows: list[RunRow]) -> list[str]:
+    """Method x ratio at one budget: every kind's score but the parent's (it heads the report), then the gap."""
+    headline, twin = (kind.name for kind in kinds.comparison())
+    columns = [kind.name for kind in kinds.all_kinds() if kind.making is not kinds.Making.LOADED]
     lines = [
-        "| method | ratio (achieved) | params (non-embedding) | pruned | continued | scratch | continued - scratch |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        f"| method | ratio (achieved) | params (non-embedding) | {' | '.join(columns)} | {headline} - {twin} |",
+        "|---|---|---:|" + "---:|" * (len(columns) + 1),
     ]
     for r in sorted(rows, key=lambda r: (r.method, r.ratio)):
         gap = _fmt(r.gap)
         if r.gap is not None and r.gap > 0:
-            gap = f"**{gap} (scratch wins)**"
+            gap = f"**{gap} ({twin} wins)**"
         achieved = f"{r.ratio} ({r.ratio_achieved:.3f})" if r.ratio_achieved is not None else str(r.ratio)
-        scratch = _fmt(r.scratch) + (f" (twin of {r.scratch_shared_from})" if r.scratch_shared_from else "")
-        lines.append(
-            f"| {r.method} | {achieved} | {_params(r)} | {_fmt(r.pruned)} | {_fmt(r.continued)} | "
-            f"{scratch} | {gap} |"
-        )
+        scores = [_fmt(r.score(kind)) for kind in columns]
+        if r.twin_shared_from:
+            scores[columns.index(twin)] += f" (twin of {r.twin_shared_from})"
+        lines.append(f"| {r.method} | {achieved} | {_params(r)} | {' | '.join(scores)} | {gap} |")
     return lines
 
 
 def render_markdown(rows: list[RunRow], plots: list[str]) -> str:
     metric = rows[0].metric
-    parent = next((r.parent for r in rows if r.parent is not None), None)
+    loaded = kinds.made(kinds.Making.LOADED)[0].name
+    parent = next((r.score(loaded) for r in rows if r.score(loaded) is not None), None)
     out = [
         "# hfprune report",
         "",
@@ -194,81 +214,6 @@ def render_markdown(rows: list[RunRow], plots: list[str]) -> str:
     return "\n".join(out) + "\n"
 
 
-def plot_curves(rows: list[RunRow], path: Path) -> bool:
-    """Figure-1-style panels: perplexity against tokens trained, continued vs scratch, one per method
-    (per ratio, the largest budget's run)."""
-    methods = sorted({r.method for r in rows if r.curves})
-    if not methods:
-        return False
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    columns = min(3, len(methods))
-    grid_rows = -(-len(methods) // columns)
-    fig, axes = plt.subplots(grid_rows, columns, figsize=(4.5 * columns, 3.6 * grid_rows), squeeze=False)
-    ratios = sorted({r.ratio for r in rows})
-    for ax, method in zip(axes.flat, methods, strict=False):
-        for row in _longest_per_ratio([r for r in rows if r.method == method and r.curves]):
-            colour = f"C{ratios.index(row.ratio)}"  # one colour per ratio: solid continued, dashed scratch
-            for run, style in (("continued", "-"), ("scratch", "--")):
-                points = row.curves.get(run, [])
-                if points:
-                    ax.plot([p["tokens"] for p in points], [p["perplexity"] for p in points], style,
-                            color=colour, marker="o", markersize=3, label=f"{run}, ratio {row.ratio}")  # fmt: skip
-        ax.set(title=method, xlabel="tokens trained", ylabel="held-out perplexity", yscale="log")
-        ax.legend(fontsize=7)
-    for ax in list(axes.flat)[len(methods) :]:
-        ax.set_visible(False)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
-
-
-def _longest_per_ratio(rows: list[RunRow]) -> list[RunRow]:
-    """Per ratio, the run with the largest budget: its curve passes the smaller budgets' token counts."""
-    best: dict[float, RunRow] = {}
-    for row in rows:
-        if row.ratio not in best or (row.budget or 0) > (best[row.ratio].budget or 0):
-            best[row.ratio] = row
-    return [best[ratio] for ratio in sorted(best)]
-
-
-def plot_gap(rows: list[RunRow], x: str, path: Path) -> bool:
-    """The continued-minus-scratch gap against `ratio` or `budget`: one line per method and value of the
-    other axis, so budgets are never mixed on a ratio plot (nor ratios on a budget plot)."""
-    usable = [r for r in rows if r.gap is not None and getattr(r, x) is not None]
-    if len({getattr(r, x) for r in usable}) < 2:
-        return False
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    other = "budget" if x == "ratio" else "ratio"
-    fig, ax = plt.subplots(figsize=(5, 3.6))
-    for method, fixed in sorted({(r.method, getattr(r, other)) for r in usable}, key=str):
-        points = sorted(
-            (getattr(r, x), r.gap) for r in usable if (r.method, getattr(r, other)) == (method, fixed)
-        )
-        ax.plot(
-            [p[0] for p in points], [p[1] for p in points], marker="o", label=f"{method}, {other} {fixed}"
-        )
-    ax.axhline(0, color="grey", linewidth=0.8)
-    ax.set(
-        xlabel="pruning ratio" if x == "ratio" else "training tokens", ylabel="continued - scratch perplexity"
-    )
-    if x == "budget":
-        ax.set_xscale("log")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
-
-
 def write_report(folder: Path) -> dict[str, Any]:
     """Write report.md, report.json and the plots into `folder`; return the report data."""
     runs = find_runs(folder)
@@ -281,7 +226,7 @@ def write_report(folder: Path) -> dict[str, Any]:
     for x in ("ratio", "budget"):
         if plot_gap(rows, x, folder / f"gap_vs_{x}.png"):
             plots.append(f"gap_vs_{x}.png")
-    data = {"metric": rows[0].metric, "rows": [{**asdict(r), "gap": r.gap} for r in rows], "plots": plots}
+    data = {"metric": rows[0].metric, "rows": [r.to_dict() for r in rows], "plots": plots}
     (folder / "report.json").write_text(json.dumps(data, indent=2) + "\n")
     (folder / "report.md").write_text(render_markdown(rows, plots))
     return data
