@@ -23,7 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from hfprune.modeling import decoder_layers
+from hfprune.architectures import architecture_of
 
 
 FORMAT = "hfprune.sparsity_masks"
@@ -83,11 +83,13 @@ def load_masks(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def masks_from_zeros(model: nn.Module, names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
-    """Keep-masks from the exact zeros of the named weights (default: every Linear weight inside
-    the decoder layers, the matrices sparse pruners target), on the CPU."""
+    """Keep-masks from the exact zeros of the named weights (default: the projection weights of every
+    decoder layer that the family's spec lists, the matrices sparse pruners target), on the CPU."""
     params = dict(model.named_parameters())
     if names is None:
-        targets = {id(m.weight) for m in decoder_layers(model).modules() if isinstance(m, nn.Linear)}
+        spec = architecture_of(model.config)
+        layers = spec.decoder_layers(model)
+        targets = {id(layer.get_submodule(name).weight) for layer in layers for name in spec.linears}
         names = [name for name, param in params.items() if id(param) in targets]
     masks = {}
     for name in names:

@@ -1,62 +1,45 @@
-"""Architecture adapter: where the rest of hfprune learns what a Llama-family decoder looks like.
+"""Model access for the rest of hfprune: decoder layers, parameter counts, config copies, the support check.
 
-Pruners, calibration and the pipeline ask this module for decoder layers, parameter counts and the
-supported-architecture check instead of hard-coding attribute paths, so adding a new family means
-teaching this one module.
+Calibration, the pipeline and the sweep call these functions instead of reaching into a model; each
+one asks the architecture registry (`hfprune.architectures`) for the parent's family, so a new family
+is a new spec there and nothing here changes.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
-from hfprune.errors import RunFailure
+
+from hfprune.architectures import (
+    ParamCount,
+    UnsupportedArchitectureError,
+    architecture_of,
+    check_supported,
+    known_model_types,
+)
 
 
-
-SUPPORTED_MODEL_TYPES = ("llama",)
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
-
-
-class UnsupportedArchitectureError(RunFailure, ValueError):
-    """The parent is not a Llama-family decoder with the LlamaForCausalLM layout."""
-
-
-def check_supported(config: PretrainedConfig) -> None:
-    """Raise `UnsupportedArchitectureError` naming the architecture and what is supported."""
-    model_type = getattr(config, "model_type", None)
-    architectures = getattr(config, "architectures", None) or []
-    if model_type in SUPPORTED_MODEL_TYPES and all(a in SUPPORTED_ARCHITECTURES for a in architectures):
-        return
-    found = ", ".join(architectures) or model_type or "unknown"
-    raise UnsupportedArchitectureError(
-        f"unsupported architecture {found} (model_type={model_type!r}); hfprune supports Llama-family "
-        f"decoders with the {', '.join(SUPPORTED_ARCHITECTURES)} layout (model_type "
-        f"{', '.join(SUPPORTED_MODEL_TYPES)}), including tied embeddings"
-    )
+__all__ = [
+    "ParamCount",
+    "UnsupportedArchitectureError",
+    "check_supported",
+    "count_config_parameters",
+    "count_parameters",
+    "decoder_layers",
+    "known_model_types",
+    "layer_parameters",
+    "module_device",
+    "shape_of",
+    "updated_config",
+]
 
 
 def decoder_layers(model: PreTrainedModel) -> nn.ModuleList:
     """The decoder blocks, in order."""
-    return model.model.layers
-
-
-@dataclass(frozen=True)
-class ParamCount:
-    """Parameter counts; `embedding` counts the input embedding and, when untied, the LM head."""
-
-    total: int
-    embedding: int
-
-    @property
-    def non_embedding(self) -> int:
-        return self.total - self.embedding
-
-    def to_dict(self) -> dict[str, int]:
-        return {**asdict(self), "non_embedding": self.non_embedding}
+    return architecture_of(model.config).decoder_layers(model)
 
 
 def count_parameters(model: PreTrainedModel) -> ParamCount:
@@ -75,31 +58,32 @@ def count_parameters(model: PreTrainedModel) -> ParamCount:
 
 
 def layer_parameters(config: PretrainedConfig) -> int:
-    """Parameters of one decoder layer of a uniform Llama config (attention, MLP, two norms)."""
-    hidden, ffn = config.hidden_size, config.intermediate_size
-    head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
-    q_width = config.num_attention_heads * head_dim
-    kv_width = config.num_key_value_heads * head_dim
-    attention = hidden * (q_width + 2 * kv_width) + q_width * hidden
-    if getattr(config, "attention_bias", False):
-        attention += q_width + 2 * kv_width + hidden
-    mlp = 3 * hidden * ffn + (2 * ffn + hidden if getattr(config, "mlp_bias", False) else 0)
-    return attention + mlp + 2 * hidden
+    """Parameters of one decoder layer of a uniform config, by its family's formula."""
+    return architecture_of(config).layer_parameters(config)
 
 
 def count_config_parameters(config: PretrainedConfig) -> ParamCount:
     """Parameter counts from the config alone, without building the model (for plans and dry runs)."""
-    embedding = config.vocab_size * config.hidden_size
-    if not getattr(config, "tie_word_embeddings", False):
-        embedding *= 2
-    decoder = config.num_hidden_layers * layer_parameters(config) + config.hidden_size  # + final norm
-    return ParamCount(total=decoder + embedding, embedding=embedding)
+    return architecture_of(config).count_parameters(config)
+
+
+def shape_of(config: PretrainedConfig) -> dict[str, Any]:
+    """The config keys that describe the model's shape (the family's list), with their values."""
+    return {key: getattr(config, key, None) for key in architecture_of(config).shape_keys}
 
 
 def updated_config(config: PretrainedConfig, changes: dict[str, Any]) -> PretrainedConfig:
-    """A copy of `config` with `changes` applied; the parent config is never mutated."""
-    new = config.__class__.from_dict({**config.to_dict(), **changes})
-    return new
+    """A copy of `config` with `changes` applied; the parent config is never mutated.
+
+    Per-layer lists the changes do not name (`layer_types`) are cut to the new layer count, so a
+    depth plan validates before it is known which layers go; pruning writes the true list.
+    """
+    values = {**config.to_dict(), **changes}
+    layers = values.get("num_hidden_layers")
+    for key in architecture_of(config).per_layer_keys:
+        if key not in changes and isinstance(values.get(key), list) and layers is not None:
+            values[key] = values[key][:layers]
+    return config.__class__.from_dict(values)
 
 
 def module_device(module: nn.Module) -> torch.device:

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
+from hfprune.architectures import architecture_of
 from hfprune.callbacks.sparsity_mask import canonical_name
 
 
@@ -62,18 +63,20 @@ def make_scratch_twin(
     return twin
 
 
-def _embedding_and_norm_names(model: nn.Module) -> list[str]:
+def _embedding_and_norm_names(model: PreTrainedModel) -> list[str]:
+    """Parameter names of the input embedding and of every norm the family's spec lists, in model order."""
+    wanted = {id(module) for module in architecture_of(model.config).norm_modules(model)}
+    wanted.add(id(model.get_input_embeddings()))
     names = []
     for module_name, module in model.named_modules():
-        # Norm classes differ per architecture (LlamaRMSNorm, LayerNorm, ...), so match the class name.
-        if isinstance(module, nn.Embedding) or "norm" in type(module).__name__.lower():
+        if id(module) in wanted:
             prefix = f"{module_name}." if module_name else ""
             names.extend(prefix + name for name, _ in module.named_parameters(recurse=False))
     return names
 
 
 @torch.no_grad()
-def _copy_embeddings_and_norms(source: nn.Module, target: nn.Module) -> list[str]:
+def _copy_embeddings_and_norms(source: nn.Module, target: PreTrainedModel) -> list[str]:
     source_params = dict(source.named_parameters(remove_duplicate=False))
     target_params = dict(target.named_parameters(remove_duplicate=False))
     names = _embedding_and_norm_names(target)

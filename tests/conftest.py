@@ -117,3 +117,36 @@ def write_recipe(tmp_path, tiny_parent_dir):
         return path
 
     return write
+
+
+def tiny_family_model(model_type: str, seed: int = 0, **overrides):
+    """A tiny random parent of any registered family (`hfprune.architectures`), built from its own
+    config class. Biases and norm weights are randomised (they start at 0 and 1), so a surgery that
+    drops or misplaces one changes the output."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    values = {
+        "vocab_size": VOCAB_SIZE,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 256,
+        "tie_word_embeddings": False,
+        "bos_token_id": 0,
+        "eos_token_id": 1,
+        "pad_token_id": 1,
+    }
+    values.update(overrides)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **values))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(".bias"):
+                param.normal_(0, 0.5)
+            elif param.dim() == 1:  # a norm's weight
+                param.uniform_(0.5, 1.5)
+            elif name.endswith(("o_proj.weight", "down_proj.weight")):
+                param.mul_(torch.rand(()) * 8 + 1)  # as in tiny_model: layers that differ in influence
+    return model.eval()

@@ -16,7 +16,7 @@ from transformers import LlamaConfig
 
 from hfprune.masks import load_masks, save_masks
 from hfprune.pruners import get_pruner
-from hfprune.pruners._sparse_base import LINEAR_GROUPS, LINEARS
+from hfprune.architectures.llama import LLAMA
 from hfprune.pruners._sparse_math import (
     HessianError,
     Pattern,
@@ -244,7 +244,7 @@ def test_only_one_layer_of_statistics_is_alive(monkeypatch, parent, ids):
     monkeypatch.setattr(type(pruner), "new_statistic", tracked)
     model = copy.deepcopy(parent)
     pruner.prune(model, ids, 0.5)
-    groups = len(LINEAR_GROUPS)
+    groups = len(LLAMA.linear_groups)
     assert len(alive_at_creation) == groups * parent.config.num_hidden_layers
     assert alive_at_creation[::groups] == [0] * parent.config.num_hidden_layers  # previous layer's are gone
     assert not any(module._forward_hooks for module in model.modules())
@@ -281,7 +281,7 @@ def test_plan_matches_the_pruned_count_at_awkward_ratios(parent, ids):
         planned = pruner.plan(parent.config, 0.29)
         assert planned.params_before.total - planned.params_after.total == dropped, method
         assert result.shape.params_after == planned.params_after
-    assert {name.split(".", 3)[3] for name in result.masks} == {f"{n}.weight" for n in LINEARS}
+    assert {name.split(".", 3)[3] for name in result.masks} == {f"{n}.weight" for n in LLAMA.linears}
 
 
 @pytest.mark.parametrize("name", ["wanda_0.5", "sparsegpt_0.5", "wanda_0.5_2of4", "sparsegpt_0.5_2of4"])

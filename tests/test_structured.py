@@ -14,6 +14,7 @@ import pytest
 import torch
 from conftest import tiny_model
 
+from hfprune.architectures.llama import LLAMA
 from hfprune.modeling import decoder_layers
 from hfprune.pruners import get_pruner
 from hfprune.pruners._ops import keep_ffn_neurons, keep_hidden_channels, keep_kv_groups
@@ -50,8 +51,8 @@ def test_keeping_every_channel_reproduces_the_parent_exactly():
     config = model.config
     keep_hidden_channels(model, range(config.hidden_size))
     for layer in decoder_layers(model):
-        keep_ffn_neurons(layer.mlp, range(config.intermediate_size))
-        keep_kv_groups(layer.self_attn, range(config.num_key_value_heads), 2, config.head_dim)
+        keep_ffn_neurons(LLAMA, layer, range(config.intermediate_size))
+        keep_kv_groups(LLAMA, layer, range(config.num_key_value_heads), 2, config.head_dim)
     assert model.lm_head.weight is model.model.embed_tokens.weight
     torch.testing.assert_close(logits(model, ids()), logits(parent, ids()), rtol=0, atol=0)
 

@@ -1,7 +1,8 @@
 """Pure model surgery shared by pruners: no scoring, no I/O, no knowledge of recipes.
 
 Each function takes a model (or tensors) and the decision already made (which indices to keep) and
-returns the result with the config kept consistent with the weights.
+returns the result with the config kept consistent with the weights. Module names come from the
+family's `ArchitectureSpec` (passed in, or looked up from the model's config).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from hfprune.modeling import decoder_layers
+from hfprune.architectures import ArchitectureSpec, architecture_of
 
 
 def drop_layers(model: PreTrainedModel, keep: Sequence[int]) -> PreTrainedModel:
@@ -22,19 +23,41 @@ def drop_layers(model: PreTrainedModel, keep: Sequence[int]) -> PreTrainedModel:
     Attention modules are renumbered 0..n-1 because the KV cache is indexed by `layer_idx`; a gap
     would make generation with a cache read the wrong slots.
     """
-    layers = decoder_layers(model)
+    spec = architecture_of(model.config)
+    layers = spec.decoder_layers(model)
     keep = sorted(set(keep))
     if not keep or keep[0] < 0 or keep[-1] >= len(layers):
         raise ValueError(f"kept layer indices must be a non-empty subset of 0..{len(layers) - 1}, got {keep}")
-    kept = nn.ModuleList(layers[i] for i in keep)
-    for new_index, layer in enumerate(kept):
-        layer.self_attn.layer_idx = new_index
-    model.model.layers = kept
-    model.config.num_hidden_layers = len(kept)
-    layer_types = getattr(model.config, "layer_types", None)
-    if layer_types:
-        model.config.layer_types = [layer_types[i] for i in keep]
+    select_layers(model, keep)
+    for new_index, layer in enumerate(spec.decoder_layers(model)):
+        layer.get_submodule(spec.attention).layer_idx = new_index
     return model
+
+
+def select_layers(model: PreTrainedModel, indices: Sequence[int]) -> dict[str, Any]:
+    """Keep the decoder layers at `indices` (no copies) and cut the per-layer config lists to match.
+
+    Returns what it replaced (the layer list and config values), for `restore_layers`.
+    """
+    spec, config = architecture_of(model.config), model.config
+    layers = spec.decoder_layers(model)
+    saved = {"layers": layers, "num_hidden_layers": config.num_hidden_layers}
+    spec.set_decoder_layers(model, nn.ModuleList(layers[i] for i in indices))
+    config.num_hidden_layers = len(indices)
+    for key in spec.per_layer_keys:
+        values = getattr(config, key, None)
+        if values:
+            saved[key] = values
+            setattr(config, key, [values[i] for i in indices])
+    return saved
+
+
+def restore_layers(model: PreTrainedModel, saved: dict[str, Any]) -> None:
+    """Undo `select_layers`: put back the layer list and the config values it replaced."""
+    architecture_of(model.config).set_decoder_layers(model, saved["layers"])
+    for key, value in saved.items():
+        if key != "layers":
+            setattr(model.config, key, value)
 
 
 def _index(indices: Sequence[int] | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -74,25 +97,19 @@ def add_bias(linear: nn.Linear, value: torch.Tensor | None = None) -> None:
             linear.bias.add_(value.to(linear.bias))
 
 
-def add_biases(linears: Sequence[nn.Linear], last_shift: torch.Tensor | None = None) -> None:
-    """Zero biases where missing; the last Linear (a module's output projection) also gets `last_shift`."""
-    for linear in linears[:-1]:
-        add_bias(linear)
-    add_bias(linears[-1], last_shift)
-
-
 def slice_vector(module: nn.Module, indices: Sequence[int] | torch.Tensor) -> None:
     """Keep entries `indices` of a norm's weight vector, in place."""
     weight = module.weight.detach()
     module.weight = nn.Parameter(weight.index_select(0, _index(indices, weight)).contiguous())
 
 
-def keep_ffn_neurons(mlp: nn.Module, neurons: Sequence[int] | torch.Tensor) -> None:
-    """Keep the intermediate neurons `neurons` of a gated MLP (gate/up rows, down columns)."""
-    slice_linear(mlp.gate_proj, rows=neurons)
-    slice_linear(mlp.up_proj, rows=neurons)
-    slice_linear(mlp.down_proj, cols=neurons)
-    mlp.intermediate_size = mlp.down_proj.in_features
+def keep_ffn_neurons(spec: ArchitectureSpec, layer: nn.Module, neurons: Sequence[int] | torch.Tensor) -> None:
+    """Keep the intermediate neurons `neurons` of one layer's gated MLP (gate/up rows, down columns)."""
+    down = layer.get_submodule(spec.down_proj)
+    slice_linear(layer.get_submodule(spec.gate_proj), rows=neurons)
+    slice_linear(layer.get_submodule(spec.up_proj), rows=neurons)
+    slice_linear(down, cols=neurons)
+    layer.get_submodule(spec.mlp).intermediate_size = down.in_features
 
 
 def group_channels(groups: Sequence[int], heads_per_group: int, head_dim: int) -> tuple[list[int], list[int]]:
@@ -107,38 +124,45 @@ def group_channels(groups: Sequence[int], heads_per_group: int, head_dim: int) -
     return q, kv
 
 
-def keep_kv_groups(attention: nn.Module, groups: Sequence[int], heads_per_group: int, head_dim: int) -> None:
-    """Keep only the KV groups `groups` (each: one KV head and its query heads) of an attention module."""
+def keep_kv_groups(
+    spec: ArchitectureSpec, layer: nn.Module, groups: Sequence[int], heads_per_group: int, head_dim: int
+) -> None:
+    """Keep only the KV groups `groups` (each: one KV head and its query heads) of one layer's attention.
+
+    Biases of q/k/v follow their rows; per-head norms are over `head_dim`, shared by every head, so
+    they are untouched.
+    """
     q, kv = group_channels(groups, heads_per_group, head_dim)
-    slice_linear(attention.q_proj, rows=q)
-    slice_linear(attention.k_proj, rows=kv)
-    slice_linear(attention.v_proj, rows=kv)
-    slice_linear(attention.o_proj, cols=q)
+    slice_linear(layer.get_submodule(spec.q_proj), rows=q)
+    slice_linear(layer.get_submodule(spec.k_proj), rows=kv)
+    slice_linear(layer.get_submodule(spec.v_proj), rows=kv)
+    slice_linear(layer.get_submodule(spec.o_proj), cols=q)
 
 
 def keep_hidden_channels(model: PreTrainedModel, channels: Sequence[int] | torch.Tensor) -> None:
     """Keep the residual-stream channels `channels` everywhere they appear, in place.
 
-    That is the embedding columns, every RMSNorm, the inputs of q/k/v/gate/up, the outputs of o/down,
-    the final norm and the LM head's inputs. A tied LM head is re-tied to the new embedding.
+    That is the embedding columns, every per-layer norm, the inputs of the projections that read the
+    residual stream, the outputs of those that write it, the final norm and the LM head's inputs. A tied
+    LM head is re-tied to the new embedding. Per-head norms (over head_dim) are untouched.
     """
+    spec = architecture_of(model.config)
     embed, head = model.get_input_embeddings(), model.get_output_embeddings()
     tied = head is not None and head.weight is embed.weight
     embed.weight = nn.Parameter(
         embed.weight.detach().index_select(1, _index(channels, embed.weight)).contiguous()
     )
     embed.embedding_dim = embed.weight.shape[1]
-    for layer in decoder_layers(model):
-        attention, mlp = layer.self_attn, layer.mlp
-        for linear in (attention.q_proj, attention.k_proj, attention.v_proj, mlp.gate_proj, mlp.up_proj):
-            slice_linear(linear, cols=channels)
-        slice_linear(attention.o_proj, rows=channels)
-        slice_linear(mlp.down_proj, rows=channels)
-        slice_vector(layer.input_layernorm, channels)
-        slice_vector(layer.post_attention_layernorm, channels)
+    for layer in spec.decoder_layers(model):
+        for name in spec.hidden_readers:
+            slice_linear(layer.get_submodule(name), cols=channels)
+        for name in spec.hidden_writers:
+            slice_linear(layer.get_submodule(name), rows=channels)
+        for name in spec.layer_norms:
+            slice_vector(layer.get_submodule(name), channels)
         layer.hidden_size = len(channels)
-        mlp.hidden_size = len(channels)
-    slice_vector(model.model.norm, channels)
+        layer.get_submodule(spec.mlp).hidden_size = len(channels)
+    slice_vector(model.get_submodule(spec.final_norm), channels)
     if tied:
         head.weight = embed.weight
         head.in_features = embed.embedding_dim

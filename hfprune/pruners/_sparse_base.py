@@ -9,7 +9,8 @@ is scored on the dense parent and the statistics of all layers are kept (on the 
 does grow with depth.
 
 Ratio is the sparsity of the seven linear weights of every decoder block (q, k, v, o, gate, up,
-down), the same in every layer; embeddings, norms and the LM head stay dense.
+down, named by the parent's `ArchitectureSpec`), the same in every layer; embeddings, norms, biases
+and the LM head stay dense.
 """
 
 from __future__ import annotations
@@ -25,34 +26,19 @@ import torch
 from pydantic import Field
 from transformers import PretrainedConfig, PreTrainedModel
 
+from hfprune.architectures import ParamCount, architecture_of
 from hfprune.calibrate import LayerStep, walk_layers
 from hfprune.masks import sparsity_report
-from hfprune.modeling import ParamCount, count_config_parameters, decoder_layers
+from hfprune.modeling import count_config_parameters, decoder_layers
 from hfprune.pruners._sparse_math import HessianError, Pattern
 from hfprune.pruners.base import Granularity, Pruner, PruneResult, PrunerOptions, ShapeError, TargetShape
 
 
 logger = logging.getLogger(__name__)
 
-# The linear layers of a Llama block, grouped by the input they read: one statistic per group.
-LINEAR_GROUPS = (
-    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-    ("self_attn.o_proj",),
-    ("mlp.gate_proj", "mlp.up_proj"),
-    ("mlp.down_proj",),
-)
-LINEARS = tuple(name for group in LINEAR_GROUPS for name in group)
+# One statistic per group of linears that read the same input (the spec's `linear_groups`).
 LayerStats = dict[str, torch.Tensor]
-
-
-def linear_shapes(config: PretrainedConfig) -> dict[str, tuple[int, int]]:
-    """(out_features, in_features) of each targeted linear layer, from the config alone."""
-    hidden, ffn = config.hidden_size, config.intermediate_size
-    head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
-    q_width, kv_width = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
-    outs_ins = ((q_width, hidden), (kv_width, hidden), (kv_width, hidden), (hidden, q_width))
-    outs_ins += ((ffn, hidden), (ffn, hidden), (hidden, ffn))
-    return dict(zip(LINEARS, outs_ins, strict=True))
+LinearGroups = tuple[tuple[str, ...], ...]
 
 
 class SparseOptions(PrunerOptions):
@@ -135,7 +121,8 @@ class SparsePruner(Pruner):
     def plan(self, config: PretrainedConfig, ratio: float) -> TargetShape:
         self._check_ratio(ratio)
         before = count_config_parameters(config)
-        per_layer = sum(self.pruned_in_matrix(r, c, ratio) for r, c in linear_shapes(config).values())
+        shapes = architecture_of(config).linear_shapes(config)
+        per_layer = sum(self.pruned_in_matrix(r, c, ratio) for r, c in shapes.values())
         after = ParamCount(
             total=before.total - config.num_hidden_layers * per_layer, embedding=before.embedding
         )
@@ -149,8 +136,9 @@ class SparsePruner(Pruner):
         """Per-layer statistics of the dense model (one-shot, on the CPU); None where none are used."""
         if not self.needs_calibration:
             return [None] * len(decoder_layers(model))
+        groups = architecture_of(model.config).linear_groups
         steps = walk_layers(model, self._require(calibration), batch_size, desc=f"{self.name} statistics")
-        return [_to_cpu(self.collect(step)) for step in steps]
+        return [_to_cpu(self.collect(step, groups)) for step in steps]
 
     def score_for_ratios(
         self,
@@ -167,11 +155,11 @@ class SparsePruner(Pruner):
     def apply(self, model: PreTrainedModel, scores: list[LayerStats | None], ratio: float) -> PruneResult:
         self._check_ratio(ratio)
         timing: dict[str, float] = {}
-        names = _param_names(model)
+        names, groups = _param_names(model), architecture_of(model.config).linear_groups
         masks: dict[str, torch.Tensor] = {}
         with _timed(timing, "pruning"):
             for layer, stats in zip(decoder_layers(model), scores, strict=True):
-                masks |= self.prune_layer(layer, stats, ratio, names)
+                masks |= self.prune_layer(layer, stats, ratio, names, groups)
         return self._result(model, masks, ratio, sequential=False, timing=timing)
 
     @torch.no_grad()
@@ -192,24 +180,24 @@ class SparsePruner(Pruner):
         self, model: PreTrainedModel, calibration: torch.Tensor, ratio: float, batch_size: int
     ) -> PruneResult:
         timing: dict[str, float] = {}
-        names = _param_names(model)
+        names, groups = _param_names(model), architecture_of(model.config).linear_groups
         masks: dict[str, torch.Tensor] = {}
         for step in walk_layers(model, calibration, batch_size, desc=f"{self.name} sequential"):
             with _timed(timing, "statistics_forward"):
-                stats = self.collect(step)
+                stats = self.collect(step, groups)
             with _timed(timing, "pruning"):
-                masks |= self.prune_layer(step.layer, stats, ratio, names)
+                masks |= self.prune_layer(step.layer, stats, ratio, names, groups)
             del stats  # this layer's statistics die here, before the next layer's are built
             with _timed(timing, "pruned_forward"):
                 step.outputs = None  # drop the dense outputs before computing the pruned ones
                 step.forward()
         return self._result(model, masks, ratio, sequential=True, timing=timing)
 
-    def collect(self, step: LayerStep) -> LayerStats:
+    def collect(self, step: LayerStep, groups: LinearGroups) -> LayerStats:
         """Run the layer once with hooks; one statistic per group of linears that read the same input."""
         stats: LayerStats = {}
         handles = []
-        for group in LINEAR_GROUPS:
+        for group in groups:
             reader = step.layer.get_submodule(group[0])
             statistic = self.new_statistic(reader.in_features, reader.weight.device)
             stats.update(dict.fromkeys(group, statistic))
@@ -228,11 +216,16 @@ class SparsePruner(Pruner):
         return hook
 
     def prune_layer(
-        self, layer: torch.nn.Module, stats: LayerStats | None, ratio: float, names: dict[int, str]
+        self,
+        layer: torch.nn.Module,
+        stats: LayerStats | None,
+        ratio: float,
+        names: dict[int, str],
+        groups: LinearGroups,
     ) -> dict[str, torch.Tensor]:
         """Prune the seven linears of one block in place; return their keep-masks (on the CPU)."""
         masks = {}
-        for group in LINEAR_GROUPS:
+        for group in groups:
             weights = [layer.get_submodule(name).weight for name in group]
             if ratio == 0:
                 masks |= {names[id(w)]: torch.ones(w.shape, dtype=torch.bool) for w in weights}

@@ -1,6 +1,6 @@
 """Depth pruners: remove whole decoder layers; the config changes only `num_hidden_layers`.
 
-Ratio means the fraction of non-embedding parameters removed; every Llama layer has the same size,
+Ratio means the fraction of non-embedding parameters removed; every decoder layer has the same size,
 so removing k of L layers removes k/L of the decoder (less the final norm), and the resolver picks
 the k whose achieved ratio is nearest the request. `shortgpt` drops the individually least influential
 layers; `minitron_depth` drops the one contiguous block whose removal changes calibration perplexity least.
@@ -16,14 +16,13 @@ from typing import Literal
 
 import torch
 from pydantic import Field
-from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
 from hfprune.calibrate import walk_layers
 from hfprune.eval import perplexity
 from hfprune.modeling import count_config_parameters, decoder_layers, updated_config
 from hfprune.pruners import register_pruner
-from hfprune.pruners._ops import drop_layers
+from hfprune.pruners._ops import drop_layers, restore_layers, select_layers
 from hfprune.pruners.base import Granularity, Pruner, PruneResult, PrunerOptions, TargetShape
 from hfprune.pruners.shapes import RATIO_TOLERANCE, require_within
 
@@ -101,15 +100,12 @@ def without_block(model: PreTrainedModel, start: int, length: int) -> Iterator[N
     Only the layer list is swapped (no weights are copied or changed), which is what lets scoring
     try every start position without touching the parent.
     """
-    layers, config = decoder_layers(model), model.config
-    count = config.num_hidden_layers
-    model.model.layers = nn.ModuleList([*layers[:start], *layers[start + length :]])
-    config.num_hidden_layers = count - length
+    count = model.config.num_hidden_layers
+    saved = select_layers(model, [i for i in range(count) if not start <= i < start + length])
     try:
         yield
     finally:
-        model.model.layers = layers
-        config.num_hidden_layers = count
+        restore_layers(model, saved)
 
 
 @dataclass

@@ -2,9 +2,11 @@
 
 Used by every structured pruner's `plan` (and so by `--dry-run`) before any weight is read. The ratio
 is the fraction of non-embedding parameters removed. A shape is legal when the saved config loads with
-plain `LlamaConfig`: transformers validates `hidden_size % num_attention_heads == 0` on every load, even
-when `head_dim` is written explicitly, so hidden sizes and head counts are restricted accordingly. When
-no legal shape lands within the tolerance of the request, `ShapeError` says why and names the nearest.
+the parent family's own config class and its `ArchitectureSpec` accepts it (`hfprune.architectures`):
+some classes check `hidden_size % num_attention_heads == 0` on every load, even when `head_dim` is
+written explicitly, which restricts hidden sizes and head counts; per-head norms fix `head_dim`; bias
+compensation needs a bias the family can express. Parameter counts use the family's formula. When no
+legal shape lands within the tolerance of the request, `ShapeError` says why and names the nearest.
 """
 
 from __future__ import annotations
@@ -17,15 +19,12 @@ from typing import Any
 
 from transformers import PretrainedConfig
 
-from hfprune.modeling import ParamCount, count_config_parameters, updated_config
+from hfprune.architectures import ArchitectureSpec, ParamCount, architecture_of
+from hfprune.modeling import count_config_parameters, updated_config
 from hfprune.pruners.base import ShapeError, TargetShape
 
 
 RATIO_TOLERANCE = 0.03
-
-
-def head_dim(config: PretrainedConfig) -> int:
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
 class ShapeSpace:
@@ -37,20 +36,26 @@ class ShapeSpace:
 
     def __init__(self, config: PretrainedConfig):
         self.config = config
-        self.base = config.to_dict()
+        self.spec = architecture_of(config)
+        # head_dim is written out so that candidates with another hidden size keep the parent's heads.
+        self.base = {**config.to_dict(), "head_dim": self.spec.head_dim(config)}
         self.before = count_config_parameters(config)
 
     def count(self, changes: dict[str, Any]) -> ParamCount:
-        return count_config_parameters(SimpleNamespace(**{**self.base, **changes}))
+        return self.spec.count_parameters(SimpleNamespace(**{**self.base, **changes}))
 
     def ratio(self, changes: dict[str, Any]) -> float:
         return 1.0 - self.count(changes).non_embedding / self.before.non_embedding
 
 
 def build_shape(config: PretrainedConfig, changes: dict[str, Any], ratio: float) -> TargetShape:
-    """A `TargetShape` whose config changes are checked by constructing the real config class."""
-    after = count_config_parameters(updated_config(config, changes))
-    return TargetShape(changes, count_config_parameters(config), after, ratio)
+    """A `TargetShape` whose config changes are checked by constructing the real config class and
+    by the family's own rule (`ArchitectureSpec.shape_problem`)."""
+    new = updated_config(config, changes)
+    problem = architecture_of(config).shape_problem(config, new)
+    if problem:
+        raise ShapeError(f"{changes} is not a legal shape: {problem}")
+    return TargetShape(changes, count_config_parameters(config), count_config_parameters(new), ratio)
 
 
 @dataclass(frozen=True)
@@ -133,10 +138,10 @@ def width_candidates(
     whose proportion drifts least; the FFN size absorbs the rounding of the coarse hidden grid.
     """
     config = space.config
-    step = math.lcm(alignment, config.num_attention_heads)
+    step, _ = space.spec.hidden_step(config, alignment)
     ideal = ideal_hidden(space, ratio, proportion)
     for h in sorted({*range(step, config.hidden_size + 1, step), config.hidden_size}):
-        fixed = {"hidden_size": h, "head_dim": head_dim(config)}
+        fixed = {"hidden_size": h, "head_dim": space.spec.head_dim(config)}
         band = (proportion * h * (1 - slack), proportion * h * (1 + slack))
         for f in ffn_choices(space, fixed, ratio, alignment, *band):
             changes = {**fixed, "intermediate_size": f}
@@ -154,15 +159,14 @@ def plan_width(
     tolerance: float = RATIO_TOLERANCE,
 ) -> TargetShape:
     """Minitron-width shape: hidden and FFN sizes, heads kept, `head_dim` written explicitly."""
-    step = math.lcm(alignment, config.num_attention_heads)
+    space = ShapeSpace(config)
+    _, grid = space.spec.hidden_step(config, alignment)
     proportion = ffn_ratio or config.intermediate_size / config.hidden_size
     why = (
-        f"hidden_size must be a multiple of lcm(alignment {alignment}, num_attention_heads "
-        f"{config.num_attention_heads}) = {step} (LlamaConfig requires hidden_size % num_attention_heads == 0) "
+        f"hidden_size must be a multiple of {grid} "
         f"and intermediate_size a multiple of {alignment} within {slack:.0%} of {proportion:.3f} x hidden_size; "
         "a smaller `alignment`, a larger `proportion_slack` or another `ffn_ratio` widens the choice"
     )
-    space = ShapeSpace(config)
 
     def attempt(grid: int) -> TargetShape:
         return choose(space, ratio, width_candidates(space, ratio, grid, proportion, slack), tolerance, why)
@@ -182,10 +186,11 @@ def plan_width(
 
 
 def legal_groups_removed(config: PretrainedConfig) -> list[int]:
-    """KV-group counts that may be removed: at least one group stays, and the remaining query heads
-    divide hidden_size (LlamaConfig's load-time check)."""
+    """KV-group counts that may be removed: at least one group stays, and, for families whose config
+    checks it on load, the remaining query heads divide hidden_size."""
+    spec = architecture_of(config)
     groups, per_group = config.num_key_value_heads, config.num_attention_heads // config.num_key_value_heads
-    return [g for g in range(groups) if config.hidden_size % ((groups - g) * per_group) == 0]
+    return [g for g in range(groups) if spec.heads_fit(config.hidden_size, (groups - g) * per_group)]
 
 
 def plan_groups(
@@ -201,13 +206,26 @@ def plan_groups(
 
     The preferred group count removes the same fraction of attention as of the whole decoder (FLAP's
     uniform setting), rounding toward fewer groups on a tie; the FFN size absorbs the rest.
-    `groups_removed` fixes the count instead.
+    `groups_removed` fixes the count instead. Bias compensation needs a bias on the block's output
+    projection that the family's config can express.
     """
+    spec = architecture_of(config)
+    for block in sorted(compensate):
+        if not spec.can_bias_output(block):
+            raise ShapeError(
+                f"bias compensation of the {block} block needs a bias on {spec.output_projection(block)}, which "
+                f"a {spec.config_class} cannot express; use bias_compensation: none"
+            )
     legal = legal_groups_removed(config)
+    rule = (
+        f"the remaining query heads must divide hidden_size {config.hidden_size} ({spec.config_class} check)"
+        if spec.hidden_divisible_by_heads
+        else "at least one group stays"
+    )
     why = (
         f"{config.num_key_value_heads} KV groups of {config.num_attention_heads // config.num_key_value_heads} "
-        f"query heads; the remaining query heads must divide hidden_size {config.hidden_size} (LlamaConfig "
-        f"check), so the number of groups removed is one of {legal}; intermediate_size is a multiple of {alignment}"
+        f"query heads; {rule}, so the number of groups removed is one of {legal}; intermediate_size is a "
+        f"multiple of {alignment}"
     )
     if groups_removed is not None:
         legal = [g for g in legal if g == groups_removed]
@@ -216,25 +234,40 @@ def plan_groups(
     return choose(space, ratio, group_candidates(space, ratio, legal, alignment, compensate), tolerance, why)
 
 
+def bias_changes(
+    spec: ArchitectureSpec, config: PretrainedConfig, compensate: frozenset[str], pruned: frozenset[str]
+) -> dict[str, bool]:
+    """The family's bias flags after FLAP: the parent's, plus the flag that biases a compensated
+    block's output projection where that block lost something (`pruned`: "attention", "mlp")."""
+    flags = {}
+    for flag in spec.bias_flags:
+        wanted = flag.block in (compensate & pruned) and spec.output_bias_flag(flag.block) == flag
+        flags[flag.key] = bool(getattr(config, flag.key, False)) or wanted
+    return flags
+
+
 def group_candidates(
     space: ShapeSpace, ratio: float, legal: list[int], alignment: int, compensate: frozenset[str]
 ) -> Iterator[Candidate]:
-    config = space.config
+    config, spec = space.config, space.spec
     groups, heads = config.num_key_value_heads, config.num_attention_heads
     for removed in legal:
         kept = groups - removed
+        attention = frozenset({"attention"} if removed > 0 else ())
         fixed = {
             "num_attention_heads": kept * heads // groups,
             "num_key_value_heads": kept,
-            "head_dim": head_dim(config),
-            "attention_bias": bool(getattr(config, "attention_bias", False))
-            or ("attention" in compensate and removed > 0),
-            "mlp_bias": bool(getattr(config, "mlp_bias", False)) or "mlp" in compensate,
+            "head_dim": spec.head_dim(config),
+            **bias_changes(spec, config, compensate, attention | {"mlp"}),
         }
         for f in ffn_choices(space, fixed, ratio, alignment, alignment, config.intermediate_size):
             # A bias only where something was removed: compensating nothing would only add parameters.
-            unpruned = f == config.intermediate_size and not getattr(config, "mlp_bias", False)
-            changes = {**fixed, "intermediate_size": f, **({"mlp_bias": False} if unpruned else {})}
+            mlp = frozenset({"mlp"} if f != config.intermediate_size else ())
+            changes = {
+                **fixed,
+                "intermediate_size": f,
+                **bias_changes(spec, config, compensate, attention | mlp),
+            }
             # Ties go to removing fewer groups: the study's FLAP model kept more of its attention than of its MLP.
             yield Candidate(changes, space.ratio(changes), (abs(removed - ratio * groups), removed))
 

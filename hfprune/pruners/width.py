@@ -1,95 +1,28 @@
-"""Width pruners: narrow every decoder layer by the same amount, so the result is a uniform Llama config.
+"""Width pruners: narrow every decoder layer by the same amount, so the result is a uniform config.
 
 `minitron_width` removes residual-stream (hidden) channels and FFN neurons and keeps every attention
 head; `flap` removes whole GQA groups and FFN neurons and keeps the hidden size. Both score from
 activation statistics gathered layer by layer (`calibrate.walk_layers`), take their target sizes from
-the resolver in `shapes.py`, and leave the surgery to `_ops.py`; `prune_report.json` lists what was kept.
+the resolver in `shapes.py`, and leave the surgery to `_ops.py`; module names come from the parent's
+`ArchitectureSpec`. `prune_report.json` lists what was kept.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Literal
 
 import torch
 from pydantic import Field
 from transformers import PretrainedConfig, PreTrainedModel
 
-from hfprune.calibrate import walk_layers
-from hfprune.modeling import decoder_layers
+from hfprune.architectures import ArchitectureSpec, architecture_of
 from hfprune.pruners import _ops, register_pruner
+from hfprune.pruners._activations import layer_statistics, standardize, top_indices
 from hfprune.pruners.base import Granularity, Pruner, PruneResult, PrunerOptions, TargetShape
-from hfprune.pruners.shapes import RATIO_TOLERANCE, head_dim, plan_groups, plan_width
-
-
-# Tokens per reduction step: a whole 8192-token window of 14336 FFN activations in float64 is ~1 GiB.
-_CHUNK = 2048
-
-
-class ChannelStats:
-    """Running per-channel count, sum and sum of squares over every token fed to `add`.
-
-    Sums are kept in float64 because they run over millions of tokens; each chunk is reduced in
-    float32 first so the temporary copies stay small.
-    """
-
-    def __init__(self) -> None:
-        self.count = 0
-        self.total: torch.Tensor | None = None
-        self.squares: torch.Tensor | None = None
-
-    def add(self, x: torch.Tensor) -> None:
-        for chunk in x.detach().reshape(-1, x.shape[-1]).split(_CHUNK):
-            chunk = chunk.float()
-            total, squares = chunk.sum(0).double(), chunk.square().sum(0).double()
-            self.total = total if self.total is None else self.total + total
-            self.squares = squares if self.squares is None else self.squares + squares
-            self.count += chunk.shape[0]
-
-    @property
-    def mean(self) -> torch.Tensor:
-        return self.total / self.count
-
-    @property
-    def variance(self) -> torch.Tensor:
-        """Unbiased sample variance per channel (FLAP's fluctuation of an input channel)."""
-        return (self.squares - self.total.square() / self.count) / max(self.count - 1, 1)
-
-
-def layer_statistics(
-    model: PreTrainedModel,
-    calibration: torch.Tensor,
-    batch_size: int,
-    probes: dict[str, tuple[str, str]],
-    desc: str,
-) -> Iterator[dict[str, ChannelStats]]:
-    """For each decoder layer in order, `ChannelStats` of every probe: name -> (submodule, "input"|"output")."""
-    for step in walk_layers(model, calibration, batch_size, desc=desc):
-        stats = {name: ChannelStats() for name in probes}
-        handles = []
-        for name, (path, where) in probes.items():
-            module, stat = step.layer.get_submodule(path), stats[name]
-            if where == "input":
-                handles.append(module.register_forward_pre_hook(lambda _m, args, s=stat: s.add(args[0])))
-            else:
-                handles.append(module.register_forward_hook(lambda _m, _a, out, s=stat: s.add(out)))
-        try:
-            step.forward()
-        finally:
-            for handle in handles:
-                handle.remove()
-        yield stats
-
-
-def top_indices(scores: torch.Tensor, keep: int) -> list[int]:
-    """Indices of the `keep` highest scores, ascending (stable, so ties keep the earlier index)."""
-    return sorted(torch.argsort(scores, descending=True, stable=True)[:keep].tolist())
-
-
-def standardize(scores: torch.Tensor) -> torch.Tensor:
-    """Zero mean, unit deviation over all entries (FLAP's per-module-type standardisation)."""
-    return (scores - scores.mean()) / scores.std().clamp_min(torch.finfo(scores.dtype).tiny)
+from hfprune.pruners.shapes import RATIO_TOLERANCE, plan_groups, plan_width
 
 
 def _require(calibration: torch.Tensor | None, name: str) -> torch.Tensor:
@@ -112,9 +45,10 @@ class MinitronWidthPruner(Pruner):
     arXiv 2408.11796): shrink the hidden size and the FFN size, keep every attention head.
 
     Score: activation magnitude, the sum over calibration tokens of squared activations. A hidden
-    channel sums this over the outputs of every layer's input and post-attention RMSNorms (one kept set
-    for the embedding, every layer, every norm and the LM head); an FFN neuron uses its own layer's
-    `down_proj` input (each layer keeps its own neurons, all layers the same count). No weight update.
+    channel sums this over the outputs of every layer's norms (input and post-attention RMSNorms in a
+    Llama block; one kept set for the embedding, every layer, every norm and the LM head); an FFN neuron
+    uses its own layer's `down_proj` input (each layer keeps its own neurons, all layers the same count).
+    No weight update.
 
         prune:
           method: minitron_width
@@ -152,15 +86,14 @@ class MinitronWidthPruner(Pruner):
     ) -> WidthScores:
         # Sum of squares over all tokens equals the authors' aggregation (mean |x| over the batch, then
         # squares summed over positions) at their batch size of 1, and does not depend on batch size.
-        probes = {
-            "attention_norm": ("input_layernorm", "output"),
-            "mlp_norm": ("post_attention_layernorm", "output"),
-            "ffn": ("mlp.down_proj", "input"),
-        }
+        spec = architecture_of(model.config)
+        probes = {norm: (norm, "output") for norm in spec.layer_norms}
+        probes["ffn"] = (spec.down_proj, "input")
         hidden, ffn = 0, []
         ids = _require(calibration, "minitron_width")
         for stats in layer_statistics(model, ids, batch_size, probes, "minitron_width activations"):
-            hidden = hidden + stats["attention_norm"].squares + stats["mlp_norm"].squares
+            for norm in spec.layer_norms:
+                hidden = hidden + stats[norm].squares
             ffn.append(stats["ffn"].squares)
         return WidthScores(hidden=hidden.cpu(), ffn=torch.stack(ffn).cpu())
 
@@ -169,8 +102,9 @@ class MinitronWidthPruner(Pruner):
         changes = shape.config_changes
         hidden = top_indices(scores.hidden, changes["hidden_size"])
         ffn = [top_indices(row, changes["intermediate_size"]) for row in scores.ffn]
-        for layer, neurons in zip(decoder_layers(model), ffn, strict=True):
-            _ops.keep_ffn_neurons(layer.mlp, neurons)
+        spec = architecture_of(model.config)
+        for layer, neurons in zip(spec.decoder_layers(model), ffn, strict=True):
+            _ops.keep_ffn_neurons(spec, layer, neurons)
         _ops.keep_hidden_channels(model, hidden)
         _ops.set_config(model, changes)
         details = {"kept_hidden_channels": hidden, "kept_ffn_neurons": ffn}
@@ -237,17 +171,17 @@ class FlapPruner(Pruner):
     def score(
         self, model: PreTrainedModel, calibration: torch.Tensor | None, batch_size: int = 1
     ) -> FlapScores:
-        config = model.config
-        probes = {"attention": ("self_attn.o_proj", "input"), "ffn": ("mlp.down_proj", "input")}
+        config, spec = model.config, architecture_of(model.config)
+        probes = {"attention": (spec.o_proj, "input"), "ffn": (spec.down_proj, "input")}
         groups, ffn, attention_mean, ffn_mean = [], [], [], []
         ids = _require(calibration, "flap")
-        layers = decoder_layers(model)
+        layers = spec.decoder_layers(model)
         for index, stats in enumerate(layer_statistics(model, ids, batch_size, probes, "flap fluctuation")):
             layer = layers[index]
-            channel = stats["attention"].variance * _column_norms(layer.self_attn.o_proj.weight)
+            channel = stats["attention"].variance * _column_norms(layer.get_submodule(spec.o_proj).weight)
             heads = channel.view(config.num_attention_heads, -1).sum(-1)
             groups.append(heads.view(config.num_key_value_heads, -1).mean(-1))
-            ffn.append(stats["ffn"].variance * _column_norms(layer.mlp.down_proj.weight))
+            ffn.append(stats["ffn"].variance * _column_norms(layer.get_submodule(spec.down_proj).weight))
             attention_mean.append(stats["attention"].mean)
             ffn_mean.append(stats["ffn"].mean)
         groups, ffn, attention_mean, ffn_mean = (
@@ -257,13 +191,13 @@ class FlapPruner(Pruner):
 
     def apply(self, model: PreTrainedModel, scores: FlapScores, ratio: float) -> PruneResult:
         shape = self.plan(model.config, ratio)
-        changes = shape.config_changes
+        changes, spec = shape.config_changes, architecture_of(model.config)
         kept_groups, kept_ffn = [], []
-        for index, layer in enumerate(decoder_layers(model)):
+        for index, layer in enumerate(spec.decoder_layers(model)):
             groups = top_indices(scores.groups[index], changes["num_key_value_heads"])
             neurons = top_indices(scores.ffn[index], changes["intermediate_size"])
             means = (scores.attention_mean[index], scores.ffn_mean[index])
-            self.prune_layer(layer, model.config, groups, neurons, means, changes)
+            self.prune_layer(spec, layer, model.config, groups, neurons, means, changes)
             kept_groups.append(groups)
             kept_ffn.append(neurons)
         _ops.set_config(model, changes)
@@ -271,13 +205,13 @@ class FlapPruner(Pruner):
             "kept_kv_groups": kept_groups,
             "kept_ffn_neurons": kept_ffn,
             "bias_compensation": self.options.bias_compensation,
-            "attention_bias": changes["attention_bias"],
-            "mlp_bias": changes["mlp_bias"],
+            **{flag.key: changes[flag.key] for flag in spec.bias_flags},
         }
         return PruneResult(model=model, shape=shape, details=details)
 
     def prune_layer(
         self,
+        spec: ArchitectureSpec,
         layer: torch.nn.Module,
         config: PretrainedConfig,
         groups: list[int],
@@ -286,21 +220,24 @@ class FlapPruner(Pruner):
         changes: dict,
     ) -> None:
         """Keep `groups` and `neurons` of one decoder layer, adding biases the new config declares."""
-        attention, mlp = layer.self_attn, layer.mlp
-        per_group, dim = config.num_attention_heads // config.num_key_value_heads, head_dim(config)
-        compensate = _COMPENSATE[self.options.bias_compensation]
+        per_group, dim = config.num_attention_heads // config.num_key_value_heads, spec.head_dim(config)
+        new_biases = spec.biased_projections(SimpleNamespace(**changes))
         # Compensation reads the parent's full o_proj/down_proj, so it is computed before slicing.
-        o_shift = down_shift = None
-        if "attention" in compensate and changes["attention_bias"]:
-            o_shift = _removed_mean_output(attention.o_proj, groups, per_group * dim, means[0])
-        if "mlp" in compensate and changes["mlp_bias"]:
-            down_shift = _removed_mean_output(mlp.down_proj, neurons, 1, means[1])
-        _ops.keep_kv_groups(attention, groups, per_group, dim)
-        _ops.keep_ffn_neurons(mlp, neurons)
-        if changes["attention_bias"]:  # LlamaConfig's flag gives q/k/v/o all a bias; q/k/v stay zero
-            _ops.add_biases((attention.q_proj, attention.k_proj, attention.v_proj, attention.o_proj), o_shift)
-        if changes["mlp_bias"]:
-            _ops.add_biases((mlp.gate_proj, mlp.up_proj, mlp.down_proj), down_shift)
+        shifts = {}
+        for block, kept, width, mean in (
+            ("attention", groups, per_group * dim, means[0]),
+            ("mlp", neurons, 1, means[1]),
+        ):
+            output = spec.output_projection(block)
+            if block in _COMPENSATE[self.options.bias_compensation] and output in new_biases:
+                shifts[output] = _removed_mean_output(layer.get_submodule(output), kept, width, mean)
+        _ops.keep_kv_groups(spec, layer, groups, per_group, dim)
+        _ops.keep_ffn_neurons(spec, layer, neurons)
+        # A flag the new config switches on gives all of its projections a bias (zero where new);
+        # the output projection also receives the compensation.
+        for name in spec.linears:
+            if name in new_biases:
+                _ops.add_bias(layer.get_submodule(name), shifts.get(name))
 
 
 def _column_norms(weight: torch.Tensor) -> torch.Tensor:
