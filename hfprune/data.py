@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-from hfprune.errors import RunFailure
 
+from hfprune.errors import RunFailure
 
 
 logger = logging.getLogger(__name__)
@@ -36,12 +37,50 @@ class DatasetError(RunFailure, ValueError):
 
 
 def iter_texts(spec: DatasetLike) -> Iterator[str]:
-    """Yield the documents of a dataset spec, in the dataset's order."""
+    """Yield the documents of a dataset spec, in the dataset's order.
+
+    A file that is missing, empty, not in its format or without the text field is a `DatasetError`
+    naming it, raised when it is opened or, for a streamed dataset, when the bad record is reached.
+    """
     if spec.path.startswith(BUILTIN_PREFIX):
         yield from _builtin_texts(spec.path.removeprefix(BUILTIN_PREFIX), spec.split)
         return
-    import datasets
+    from datasets.exceptions import DatasetsError
 
+    dataset = _load_dataset(spec)
+    columns = dataset.column_names or []
+    if columns and spec.text_field not in columns:
+        raise DatasetError(
+            f"dataset {_where(spec)} has no column {spec.text_field!r}; its columns are {', '.join(columns)} "
+            "(set text_field)"
+        )
+    rows = iter(dataset)
+    while True:
+        try:
+            row = next(rows)
+        except StopIteration:
+            return
+        except (OSError, ValueError, DatasetsError) as err:  # a streamed file that turns bad midway
+            raise DatasetError(f"cannot read dataset {_where(spec)}: {_root_cause(err)}") from err
+        text = row[spec.text_field]
+        if text is not None and not isinstance(text, str):
+            raise DatasetError(
+                f"dataset {_where(spec)}: field {spec.text_field!r} holds {type(text).__name__} values, not text "
+                "(set text_field to a text column)"
+            )
+        if text:
+            yield text
+
+
+def _load_dataset(spec: DatasetLike) -> Any:
+    import datasets
+    from datasets.exceptions import DatasetsError
+
+    for file in _local_files(spec.data_files):
+        if file.stat().st_size == 0:
+            raise DatasetError(
+                f"dataset file {file} is empty: give it records with a {spec.text_field!r} field"
+            )
     kwargs = {
         "name": spec.name,
         "split": spec.split,
@@ -49,19 +88,39 @@ def iter_texts(spec: DatasetLike) -> Iterator[str]:
         "streaming": spec.streaming,
     }
     try:
-        dataset = datasets.load_dataset(spec.path, **{k: v for k, v in kwargs.items() if v is not None})
-    except (FileNotFoundError, ValueError, ConnectionError) as err:
-        raise DatasetError(f"cannot load dataset {spec.path!r} (split {spec.split!r}): {err}") from err
-    columns = dataset.column_names or []
-    if columns and spec.text_field not in columns:
+        return datasets.load_dataset(spec.path, **{k: v for k, v in kwargs.items() if v is not None})
+    except (OSError, ValueError, RuntimeError, DatasetsError) as err:
+        # datasets wraps the reader's error (say, a JSON parse error and its row): report that one.
         raise DatasetError(
-            f"dataset {spec.path!r} has no column {spec.text_field!r}; its columns are {', '.join(columns)} "
-            "(set text_field)"
-        )
-    for row in dataset:
-        text = row[spec.text_field]
-        if text:
-            yield text
+            f"cannot load dataset {_where(spec)} (split {spec.split!r}): {_root_cause(err)}"
+        ) from err
+
+
+def _local_files(data_files: Any) -> list[Path]:
+    """The local files among `data_files` (a path, a list of them, or a mapping of split to either)."""
+    if data_files is None:
+        return []
+    if isinstance(data_files, (str, Path)):
+        data_files = [data_files]
+    elif isinstance(data_files, dict):
+        data_files = [f for v in data_files.values() for f in ([v] if isinstance(v, (str, Path)) else v)]
+    return [Path(f).expanduser() for f in data_files if Path(f).expanduser().is_file()]
+
+
+def _where(spec: DatasetLike) -> str:
+    files = spec.data_files
+    if isinstance(files, dict):
+        files = [f for v in files.values() for f in ([v] if isinstance(v, (str, Path)) else v)]
+    if isinstance(files, (list, tuple)):
+        files = ", ".join(str(f) for f in files)
+    return f"{spec.path!r} ({files})" if files else repr(spec.path)
+
+
+def _root_cause(err: BaseException) -> str:
+    while err.__cause__ is not None:
+        err = err.__cause__
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
 
 
 def _builtin_texts(name: str, split: str) -> Iterator[str]:

@@ -80,6 +80,21 @@ def _load(what: str, spec: Any, loader: Any, **extra: Any) -> Any:
         ) from None
     except OSError as err:
         raise ParentLoadError(f"cannot load the parent {what} from {spec.model!r}: {err}") from None
+    except ValueError as err:
+        if "trust_remote_code" not in str(err):
+            raise
+        raise ParentLoadError(
+            f"parent.model: {spec.model!r} needs its own modeling code (its config.json has an auto_map "
+            "and a model_type transformers does not know); hfprune prunes Llama-family models that load "
+            "without it: use such a parent, or set parent.trust_remote_code: true if you trust that code"
+        ) from None
+    except Exception as err:
+        if type(err).__name__ != "SafetensorError":
+            raise
+        raise ParentLoadError(
+            f"cannot read the parent {what} in {spec.model!r}: a safetensors file is truncated or corrupt "
+            f"({err}); download or save the parent again"
+        ) from None
 
 
 def load_parent_config(spec: Any) -> PretrainedConfig:

@@ -4,7 +4,8 @@ Called by the pipeline once per run in `train.runs`. It builds the packed token 
 both runs), derives `TrainingArguments` from the budget (paper defaults, then the recipe's `train.args`,
 then the budget schedule), checks the setup before any step, and trains with `PruneTrainer`, resuming
 from the last complete checkpoint in its work folder. A checkpoint counts as complete only once the
-Trainer has finished writing it (a marker written in `on_save`), so a save cut short is never used.
+Trainer has finished writing it (see `hfprune.checkpoints`), so a save cut short is never used; resuming a
+checkpoint that already spent the budget ends at once, and a full disk at a checkpoint is one line.
 """
 
 from __future__ import annotations
@@ -20,18 +21,24 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, TrainerCallback, TrainingArguments
 
-from hfprune.errors import RunFailure
 from hfprune import distributed
 from hfprune.callbacks import PAPER_TRAINING_DEFAULTS, budget_schedule
+from hfprune.checkpoints import (
+    CheckpointCompleteCallback,
+    data_for_finished_run,
+    last_complete_checkpoint,
+    quiet_empty_epoch,
+    spent_budget,
+)
 from hfprune.data import iter_texts
+from hfprune.errors import RunFailure
 from hfprune.eval import perplexity
+from hfprune.failures import writes_to
 from hfprune.packing import PackedTokenStream
 from hfprune.trainer import PruneTrainer
 
 
 logger = logging.getLogger(__name__)
-
-COMPLETE_MARKER = ".hfprune-complete"
 
 
 class TrainingSetupError(RunFailure, ValueError):
@@ -52,20 +59,15 @@ class TrainOutcome:
         return asdict(self)
 
 
-class CheckpointCompleteCallback(TrainerCallback):
-    """Marks a checkpoint folder complete once the Trainer has written all of it."""
-
-    def on_save(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
-        if args.should_save:
-            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            (folder / COMPLETE_MARKER).write_text(str(state.num_input_tokens_seen))
-
-
 class DataExhaustedGuard(TrainerCallback):
-    """A second pass over the data means it ran out before the budget: stop rather than repeat tokens."""
+    """A second pass over the data means it ran out before the budget: stop rather than repeat tokens.
+
+    A run resumed from its final checkpoint also opens a second pass (the Trainer counts the finished
+    pass as an epoch), with every step already done: that is the end of training, not a shortage.
+    """
 
     def on_epoch_begin(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
-        if state.epoch and state.epoch >= 1:
+        if state.epoch and state.epoch >= 1 and state.global_step < state.max_steps:
             raise TrainingSetupError(
                 f"the training dataset ran out after {state.num_input_tokens_seen} tokens, before the budget; "
                 "lower train.token_budget or train.skip_tokens, or use a larger dataset"
@@ -166,22 +168,6 @@ def training_work_dir(folder: Path, fingerprint: str) -> Path:
     return folder
 
 
-def last_complete_checkpoint(checkpoints: Path) -> Path | None:
-    """The newest checkpoint with its completion marker; incomplete ones are deleted (rank 0)."""
-    if not checkpoints.is_dir():
-        return None
-    found = sorted(
-        (p for p in checkpoints.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
-        key=lambda p: int(p.name.split("-")[-1]),
-    )
-    complete = [p for p in found if (p / COMPLETE_MARKER).is_file()]
-    if distributed.is_main_process():
-        for partial in set(found) - set(complete):
-            logger.warning("removing incomplete checkpoint %s (its save was interrupted)", partial)
-            shutil.rmtree(partial, ignore_errors=True)
-    return complete[-1] if complete else None
-
-
 def check_dataset_covers_budget(stream: PackedTokenStream, needed_tokens: int) -> None:
     """Fail before training when a finite (non-streaming) dataset holds fewer tokens than the run needs."""
     blocks_needed = -(-needed_tokens // stream.seq_len)
@@ -221,21 +207,24 @@ def train_model(
         seed=seed,
         shuffle_buffer=spec.shuffle_buffer,
     )
-    if not spec.dataset.streaming:
-        check_dataset_covers_budget(stream, args.max_steps * tokens_per_step)
     resume = last_complete_checkpoint(work_dir / "checkpoints")
+    finished = resume is not None and spent_budget(resume, args.max_steps, spec.token_budget)
+    if not finished and not spec.dataset.streaming:
+        check_dataset_covers_budget(stream, args.max_steps * tokens_per_step)
     trainer = PruneTrainer(
         model=model,
         args=args,
-        train_dataset=stream,
+        # Every step is done: the Trainer restores the final checkpoint and, given no data, ends at once.
+        train_dataset=data_for_finished_run(args) if finished else stream,
         token_budget=spec.token_budget,
         masks=masks,
         callbacks=[CheckpointCompleteCallback(), DataExhaustedGuard(), *(callbacks or [])],
     )
     start = time.perf_counter()
     if resume:
-        logger.info("%s: resuming from %s", run, resume)
-    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        logger.info("%s: resuming from %s%s", run, resume, " (training had finished)" if finished else "")
+    with writes_to(work_dir / "checkpoints"), quiet_empty_epoch(finished):
+        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     outcome = TrainOutcome(
         run=run,
         tokens_trained=int(trainer.state.num_input_tokens_seen),

@@ -9,8 +9,9 @@ import torch
 from transformers import AutoModelForCausalLM, TrainerCallback
 
 from hfprune import pipeline, training
+from hfprune.checkpoints import COMPLETE_MARKER
 from hfprune.recipe import load_recipe
-from hfprune.training import COMPLETE_MARKER, TrainingSetupError
+from hfprune.training import TrainingSetupError
 
 
 TRAIN = """

@@ -90,6 +90,36 @@ def budget_schedule(
     }
 
 
+_TRAINER_LOGGER = logging.getLogger("transformers.trainer")
+
+
+class _CountAllTokensNote(logging.Filter):
+    """Turns the Trainer's per-micro-batch "could not determine" warning into one note of ours.
+
+    With `"non_padding"` counting, batches without an `attention_mask` and a Trainer without a tokenizer
+    that has a pad token leave the Trainer nothing to tell padding by: it counts every token, which is
+    right for packed data, and says so on every micro-batch. Installed on the Trainer's logger while a
+    budgeted run trains.
+    """
+
+    MESSAGE = "Could not determine method to count non-padding tokens"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.noted = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.MESSAGE not in record.getMessage():
+            return True
+        if not self.noted:
+            self.noted = True
+            logger.info(
+                "Batches carry no attention_mask and the Trainer has no tokenizer with a pad token: every "
+                "input token counts toward the budget (pass an attention_mask to leave padding out)"
+            )
+        return False
+
+
 class TokenBudgetCallback(TrainerCallback):
     """Stops training at the first optimizer step whose global token count reaches the budget.
 
@@ -99,6 +129,11 @@ class TokenBudgetCallback(TrainerCallback):
     `"non_padding"` when it is off. Because that count lives in the trainer state, a run resumed from a
     checkpoint continues from the saved count: no token is lost or counted twice. Every log entry also
     gets a `tokens_trained` field. Counting costs one small all-gather per micro-batch.
+
+    When training ends short of the budget (`max_steps` too small, or the data ran out), the callback
+    says so at the end, with the tokens seen and the reason. Batches without an `attention_mask` are
+    counted whole (nothing marks their padding), with one note instead of the Trainer's warning on
+    every micro-batch.
 
     Args:
         token_budget: Tokens to train on, summed over all processes.
@@ -118,6 +153,7 @@ class TokenBudgetCallback(TrainerCallback):
         self.token_budget = int(token_budget)
         self._tokens_at_step_begin: int | None = None
         self._warned_no_progress = False
+        self._count_note = _CountAllTokensNote()
 
     def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         self._enable_token_counting(args)
@@ -125,13 +161,51 @@ class TokenBudgetCallback(TrainerCallback):
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         # Again here: a callback added with `trainer.add_callback` never sees `on_init_end`.
         self._enable_token_counting(args)
-        if state.num_input_tokens_seen >= self.token_budget:
+        _TRAINER_LOGGER.addFilter(self._count_note)
+        if state.num_input_tokens_seen < self.token_budget:
+            return
+        if state.global_step >= state.max_steps:
+            logger.info(
+                "Resumed at the end of training: the budget of %d tokens was spent (%d tokens, step %d)",
+                self.token_budget,
+                state.num_input_tokens_seen,
+                state.global_step,
+            )
+        else:
             logger.warning(
                 "Token budget %d already spent at start (%d tokens trained); the Trainer still runs at most "
                 "one step before the callback can stop it",
                 self.token_budget,
                 state.num_input_tokens_seen,
             )
+
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        _TRAINER_LOGGER.removeFilter(self._count_note)
+        tokens = int(state.num_input_tokens_seen)
+        if tokens >= self.token_budget:
+            return
+        if args.max_steps > 0 and state.global_step >= args.max_steps:
+            why = (
+                f"max_steps={args.max_steps} ended training first (budget_schedule(token_budget, "
+                "tokens_per_step) gives the steps that spend the budget)"
+            )
+        elif args.max_steps <= 0 and state.global_step >= state.max_steps:
+            why = (
+                f"the training data ran out: num_train_epochs={args.num_train_epochs:g} passes over it ended"
+            )
+        else:
+            why = (
+                f"the training data ran out at step {state.global_step}, before max_steps={state.max_steps} "
+                "(or another callback stopped training)"
+            )
+        logger.warning(
+            "Token budget %d not reached: training ended after %d tokens (%.1f%%) at step %d, because %s",
+            self.token_budget,
+            tokens,
+            100 * tokens / self.token_budget,
+            state.global_step,
+            why,
+        )
 
     def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         self._tokens_at_step_begin = state.num_input_tokens_seen
