@@ -29,7 +29,7 @@ from hfprune.modeling import (
 )
 from hfprune.pruners import PRUNERS, Granularity, get_pruner
 from hfprune.pruners.base import ShapeError
-from hfprune.pruners.shapes import ShapeSpace, resolve_shape
+from hfprune.pruners.shapes import ShapeSpace, build_shape, resolve_shape
 from hfprune.pruners.width import FlapScores
 from hfprune.recipe import ParentSpec
 from hfprune.twin import make_scratch_twin
@@ -37,7 +37,7 @@ from hfprune.twin import make_scratch_twin
 
 FAMILIES = sorted(ARCHITECTURES)
 # What makes a family's tiny parent representative (e.g. a head_dim that is not hidden / heads).
-FAMILY_OVERRIDES: dict[str, dict] = {}
+FAMILY_OVERRIDES: dict[str, dict] = {"qwen3": {"head_dim": 24}}
 TINY_OPTIONS = {"minitron_width": {"alignment": 4}, "flap": {"alignment": 8}}
 SURVIVORS_UPDATED = {"sparsegpt"}  # sparse methods that change the weights they keep
 
@@ -67,7 +67,7 @@ def assert_counts_match(model) -> None:
 
 
 def test_registry_lists_every_family_and_unknown_ones_fail_with_the_known_list(tmp_path):
-    assert {"llama", "qwen2", "mistral"} <= set(FAMILIES)
+    assert {"llama", "qwen2", "mistral", "qwen3"} <= set(FAMILIES)
     for family in FAMILIES:
         assert architecture_of(AutoConfig.for_model(family)).model_type == family
     with pytest.raises(UnsupportedArchitectureError) as err:
@@ -282,3 +282,30 @@ def test_depth_pruning_keeps_per_layer_attention_types_in_step(tmp_path):
     result.model.save_pretrained(tmp_path)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     torch.testing.assert_close(logits(reloaded, tokens), expected, rtol=0, atol=0)
+
+
+def test_qwen3_head_norms_fix_head_dim_and_its_attention_bias_carries_compensation():
+    """Qwen3 writes head_dim (24 here, not hidden / heads = 16); q_norm/k_norm are over it, so a shape
+    that changes it is refused, and FLAP's attention compensation lands in o_proj's bias."""
+    source = parent("qwen3")
+    spec, config = architecture_of(source.config), source.config
+    assert spec.head_dim(config) == 24 and decoder_layers(source)[0].self_attn.q_norm.weight.shape == (24,)
+    with pytest.raises(ShapeError, match="q_norm, self_attn.k_norm are over head_dim, which must stay 24"):
+        build_shape(config, {"head_dim": 16}, 0.1)
+    scores = flap_scores(config, drop_group=0)
+    pruner = make("flap", kv_groups_removed=1, bias_compensation="attention")
+    result = pruner.apply(copy.deepcopy(source), scores, 0.5)
+    assert result.model.config.attention_bias is True and result.details["attention_bias"] is True
+    assert_counts_match(result.model)
+    emulated = copy.deepcopy(source)
+    with torch.no_grad():
+        for index, layer in enumerate(decoder_layers(emulated)):
+            o_proj = layer.self_attn.o_proj
+            o_proj.bias = torch.nn.Parameter(
+                o_proj.weight[:, :48] @ scores.attention_mean[index, :48].float()
+            )
+            o_proj.weight[:, :48] = 0
+            removed = sorted(set(range(128)) - set(result.details["kept_ffn_neurons"][index]))
+            layer.mlp.down_proj.weight[:, removed] = 0
+    tokens = ids()
+    torch.testing.assert_close(logits(result.model, tokens), logits(emulated, tokens), rtol=1e-5, atol=1e-5)

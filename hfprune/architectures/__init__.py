@@ -56,7 +56,7 @@ def check_supported(config: Any) -> None:
     architecture_of(config)
 
 
-from hfprune.architectures import llama, mistral, qwen2  # noqa: E402  (each module registers its spec)
+from hfprune.architectures import llama, mistral, qwen2, qwen3  # noqa: E402  (each module registers its spec)
 
 
 __all__ = [
@@ -71,5 +71,6 @@ __all__ = [
     "llama",
     "mistral",
     "qwen2",
+    "qwen3",
     "register_architecture",
 ]
