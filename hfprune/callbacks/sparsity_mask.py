@@ -9,6 +9,15 @@ nudges a pruned weight cannot bring it back.
 Parameters are matched by name through DDP (`module.`), FSDP1 (`_fsdp_wrapped_module.`), activation
 checkpointing (`_checkpoint_wrapped_module.`) and `torch.compile` (`_orig_mod.`) wrappers. FSDP2
 parameters are DTensors: each rank applies the matching shard of the mask to its local shard.
+
+PEFT models are understood without importing peft: `base_model.model.` prefixes and `.base_layer.`
+infixes are mapped to the plain names, so the masks of the pruned model apply unchanged to its adapted
+copy. Adapter parameters (`lora_A`, `lora_B`, ..., anything inside an adapted layer but outside its
+`base_layer`) are never masked. A PEFT merge is outside training, so the callback cannot guard it:
+peft's `merge_and_unload()` adds the dense `B @ A` to the pruned weights. Merge with
+`hfprune.recovery.lora.merge_lora(model, masks)`, or wrap with `hfprune.recovery.lora.wrap_lora(model,
+spec, masks=masks)` so the adapters only ever update kept weights; the callback warns when it sees
+masked weights under adapters that are not restricted that way.
 """
 
 import difflib
@@ -23,29 +32,61 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 
 logger = logging.getLogger(__name__)
 
-_WRAPPER_SEGMENTS = frozenset({"_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod"})
+_WRAPPER_SEGMENTS = frozenset(
+    {"_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod", "base_layer"}  # base_layer: PEFT
+)
+_PEFT_PREFIX = ("base_model", "model")  # PeftModel -> its tuner (LoraModel, ...) -> the plain model
+
+MASKED_DELTA_ATTR = "hfprune_masked_delta"
+"""Set (True) on a PEFT layer whose adapter update is restricted to the base weight's keep mask
+(`hfprune.recovery.lora.restrict_to_masks`), so a merge keeps its pruned weights at zero."""
 
 
 def canonical_name(name: str) -> str:
-    """Parameter name as the unwrapped model spells it: wrapper segments and leading `module.` removed."""
+    """Parameter name as the plain model spells it: wrapper segments, leading `module.`, PEFT's leading
+    `base_model.model.` and `.base_layer.` infixes removed."""
     parts = [part for part in name.split(".") if part not in _WRAPPER_SEGMENTS]
     while len(parts) > 1 and parts[0] == "module":
         parts = parts[1:]
+    if len(parts) > 2 and tuple(parts[:2]) == _PEFT_PREFIX:
+        parts = parts[2:]
     return ".".join(parts)
+
+
+def _adapted_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """PEFT tuner layers by module name: the modules that wrap a `base_layer`."""
+    return {name: module for name, module in model.named_modules() if "base_layer" in module._modules}
+
+
+def _adapter_layer_of(param_name: str, adapted: Mapping[str, nn.Module]) -> str | None:
+    """The adapted layer `param_name` belongs to as an adapter parameter (inside the layer, outside its
+    `base_layer`), or None for a base or plain parameter."""
+    parts = param_name.split(".")
+    for i in range(len(parts) - 1):
+        prefix = ".".join(parts[:i])
+        if prefix in adapted and parts[i] != "base_layer":
+            return prefix
+    return None
 
 
 def _masks_from_zeros(model: nn.Module, param_names: Iterable[str] | None) -> dict[str, torch.Tensor]:
     params = dict(model.named_parameters(remove_duplicate=False))
+    adapted = _adapted_layers(model)
     if param_names is None:
+        # lora_B starts at exactly zero: adapter weights are never taken for pruned ones.
         param_names = [
             f"{module_name}.weight"
             for module_name, module in model.named_modules()
-            if isinstance(module, nn.Linear) and bool((module.weight == 0).any())
+            if isinstance(module, nn.Linear)
+            and _adapter_layer_of(f"{module_name}.weight", adapted) is None
+            and bool((module.weight == 0).any())
         ]
     masks = {}
     for name in param_names:
         if name not in params:
             raise KeyError(f"no parameter named {name!r} in {type(model).__name__}")
+        if _adapter_layer_of(name, adapted) is not None:
+            raise ValueError(f"{name} is a PEFT adapter parameter; adapters are never masked")
         if isinstance(params[name], DTensor):
             raise TypeError(f"{name} is sharded (DTensor); build masks from the unsharded model")
         masks[canonical_name(name)] = (params[name].detach() != 0).cpu()
@@ -72,7 +113,8 @@ def _zero_dropped(tensor: torch.Tensor, keep_bits: torch.Tensor) -> None:
 
 
 def _resolve_names(mask_names: Iterable[str], param_names: Iterable[str]) -> dict[str, str]:
-    """Map each mask name to the model's (possibly wrapped) parameter name."""
+    """Map each mask name to the model's (possibly wrapped) parameter name; `param_names` holds no
+    adapter parameters."""
     by_canonical: dict[str, str] = {}
     for name in param_names:
         by_canonical.setdefault(canonical_name(name), name)
@@ -105,8 +147,14 @@ class SparsityMaskCallback(TrainerCallback):
     Masks are copied to the parameters' device once and cached (one byte per weight) and applied by a
     bitwise AND on the raw bits, so a masked entry is exactly +0.0 even if it held a NaN or an inf.
 
+    With a PEFT model (LoRA and the like), the plain names still apply (`q_proj.weight` finds
+    `base_model.model....q_proj.base_layer.weight`) and adapter parameters are never masked, so the
+    adapters train. A merge happens after training, out of the callback's reach: peft's
+    `merge_and_unload()` writes the dense adapter update into pruned weights. Keep the sparsity with
+    `hfprune.recovery.lora.merge_lora(model, masks)` (the callback logs a warning saying so).
+
     Args:
-        masks: Parameter name as in `model.named_parameters()` of the unwrapped model (e.g.
+        masks: Parameter name as in `model.named_parameters()` of the unwrapped plain model (e.g.
             `"model.layers.0.mlp.up_proj.weight"`) -> bool tensor of the parameter's full shape,
             True = keep.
 
@@ -216,10 +264,26 @@ class SparsityMaskCallback(TrainerCallback):
         params = dict(model.named_parameters(remove_duplicate=False))
         names = self._names.get(id(model))
         if names is None or any(param_name not in params for param_name in names.values()):
-            names = self._names[id(model)] = _resolve_names(self.masks, params)
+            names = self._names[id(model)] = self._resolve(model, params)
         for mask_name, param_name in names.items():
             param = params[param_name]
             yield mask_name, param, self._local_keep_bits(mask_name, param)
+
+    def _resolve(self, model: nn.Module, params: Mapping[str, torch.Tensor]) -> dict[str, str]:
+        adapted = _adapted_layers(model)
+        adapter_params = {name for name in params if _adapter_layer_of(name, adapted) is not None}
+        named_adapters = sorted(
+            {canonical_name(m) for m in self.masks} & {canonical_name(name) for name in adapter_params}
+        )
+        if named_adapters:
+            raise ValueError(
+                f"SparsityMaskCallback: masks name PEFT adapter parameters ({', '.join(named_adapters)}); "
+                "adapters are never masked: mask the base weight (e.g. '...q_proj.weight') instead"
+            )
+        names = _resolve_names(self.masks, [name for name in params if name not in adapter_params])
+        if adapted:
+            _warn_dense_adapters(names.values(), adapted)
+        return names
 
     def _local_keep_bits(self, name: str, param: torch.Tensor) -> torch.Tensor:
         local = _local(param)
@@ -240,6 +304,26 @@ class SparsityMaskCallback(TrainerCallback):
             ).to_local()
         self._keep_bits[name] = keep_bits
         return keep_bits
+
+
+def _warn_dense_adapters(param_names: Iterable[str], adapted: Mapping[str, nn.Module]) -> None:
+    """Warn when masked weights sit under adapters whose update is dense: a PEFT merge would fill them."""
+    dense = [
+        layer
+        for name in param_names
+        if (layer := name.rpartition(".base_layer.")[0]) in adapted
+        and not getattr(adapted[layer], MASKED_DELTA_ATTR, False)
+    ]
+    if dense:
+        logger.warning(
+            "SparsityMaskCallback: %d masked weights sit under PEFT adapters (e.g. %s). Training keeps them zero "
+            "(the base weights are frozen and adapters are never masked), but peft's merge_and_unload() adds "
+            "the dense adapter update to them. To keep the sparsity through a merge, merge with "
+            "hfprune.recovery.lora.merge_lora(model, masks), or train adapters restricted to the masks: "
+            "hfprune.recovery.lora.wrap_lora(model, spec, masks=masks).",
+            len(dense),
+            dense[0],
+        )
 
 
 def _require_model(kwargs: Mapping[str, object]) -> nn.Module:
