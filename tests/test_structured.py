@@ -238,16 +238,16 @@ def test_checkpoints_reload_without_hfprune(tmp_path):
 
 
 def test_prune_report_lists_what_was_kept(write_recipe):
-    from hfprune.pipeline import Run
+    from hfprune.pipeline import run
     from hfprune.recipe import load_recipe
 
     extra = "  options: {alignment: 8, bias_compensation: attention}\n"
     path = write_recipe(method="flap")
     text = path.read_text().replace("  ratio: 0.5\n", "  ratio: 0.5\n" + extra)
     path.write_text(text)
-    run = Run(load_recipe(path))
-    run.execute(stop_after="prune")
-    report = json.loads((run.pruned_dir / "prune_report.json").read_text())
+    recipe = load_recipe(path)
+    run(recipe, stop_after="prune")
+    report = json.loads((recipe.output_path / "models" / "pruned" / "prune_report.json").read_text())
     assert report["method"] == "flap" and report["bias_compensation"] == "attention"
     assert len(report["kept_kv_groups"]) == 8 and all(len(g) == 1 for g in report["kept_kv_groups"])
     assert len(report["kept_ffn_neurons"]) == 8
