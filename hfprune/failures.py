@@ -48,8 +48,9 @@ class OutOfMemory(RunFailure):
 def write_failure(err: BaseException, target: Path, within: Path | None = None) -> OutputError | None:
     """The `OutputError` for `err` raised while writing `target` (files under `within`), or None.
 
-    Recognised: an `OSError` (one that names a file outside `within` is not a write of ours, unless only
-    a write can cause it), a safetensors error carrying an OS error code, and torch's serializer failure.
+    Recognised: an `OSError` that names a file under `within`, or names none and is a known write failure
+    (a full disk is one wherever it happens), a safetensors error carrying an OS error code, and torch's
+    serializer failure. Anything else is not a failed write of ours and is left alone.
     """
     if isinstance(err, OutputError):
         return err
@@ -57,7 +58,8 @@ def write_failure(err: BaseException, target: Path, within: Path | None = None) 
     code: int | None
     if isinstance(err, OSError):
         code = err.errno
-        if err.filename and code not in _ALWAYS_WRITES and not _is_under(Path(err.filename), within):
+        ours = _is_under(Path(err.filename), within) if err.filename else code in _WRITE_FIXES
+        if not ours and code not in _ALWAYS_WRITES:
             return None
         detail = err.strerror or str(err)
     elif type(err).__name__ == "SafetensorError" and (found := _RUST_OS_CODE.search(str(err))):

@@ -49,6 +49,29 @@ def test_missing_local_file_is_a_dataset_error(tmp_path):
         list(iter_texts(DatasetSpec(path="json", data_files=str(tmp_path / "absent.jsonl"))))
 
 
+@pytest.mark.parametrize("streaming", [False, True])
+@pytest.mark.parametrize(
+    ("name", "content", "expected"),
+    [
+        ("empty.jsonl", "", "is empty"),
+        ("broken.jsonl", '{"text": "fine"}\nnot json at all\n', "JSON parse error"),
+        ("numbers.jsonl", '{"text": 1}\n{"text": 2}\n', "holds int values, not text"),
+        ("latin1.txt", b"caf\xe9\n", "can't decode byte 0xe9"),
+    ],
+)
+def test_unreadable_files_are_dataset_errors_naming_the_file(tmp_path, name, content, expected, streaming):
+    path = tmp_path / name
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    spec = DatasetSpec(
+        path=path.suffix.lstrip(".").replace("jsonl", "json").replace("txt", "text"),
+        data_files=str(path),
+        streaming=streaming,
+    )
+    with pytest.raises(DatasetError, match=expected) as caught:
+        list(iter_texts(spec))
+    assert str(path) in str(caught.value) and "\n" not in str(caught.value)
+
+
 def test_windows_open_with_bos():
     batch = windows(list(range(10, 30)), seq_len=5, bos=1)
     assert batch.shape == (5, 5)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import multiprocessing
 import os
 import shutil
@@ -89,7 +90,18 @@ main(["run", *sys.argv[1:]])
 """
 
 
-def test_kill_after_the_final_checkpoint_resumes_to_the_uninterrupted_result(write_recipe, tmp_path):
+class Records(logging.Handler):
+    """Collects the messages of a logger that does not propagate to caplog (transformers' own)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def test_kill_after_the_final_checkpoint_resumes_to_the_uninterrupted_result(write_recipe, tmp_path, caplog):
     overrides = ["eval.every_tokens=768"]
     reference = load_recipe(write_recipe(TRAIN, name="reference"), overrides)
     expected = pipeline.run(reference).metrics["continued"]
@@ -105,8 +117,16 @@ def test_kill_after_the_final_checkpoint_resumes_to_the_uninterrupted_result(wri
     assert (out / "models/.continued.staging").is_dir() and not (out / "models/continued").exists()
     assert (out / ".hfprune/train/continued/checkpoints/checkpoint-16").is_dir()  # the final step's
 
-    summary = pipeline.run(recipe)
+    trainer_log = Records()
+    logging.getLogger("transformers.trainer").addHandler(trainer_log)
+    try:
+        summary = pipeline.run(recipe)
+    finally:
+        logging.getLogger("transformers.trainer").removeHandler(trainer_log)
     assert [o.stage for o in summary.outcomes if o.ran][:2] == ["train_continued", "continued_eval"]
+    # Ending at once is the expected end of a finished run, not a shortage of data or an epoch without data.
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING and "budget" in r.getMessage()]
+    assert not [m for m in trainer_log.messages if "not to be a single sample" in m]
     got = summary.metrics["continued"]
     assert got["tokens_trained"] == expected["tokens_trained"] == 2048
     assert got["curve"] == expected["curve"]  # the end-of-training point measured on the same weights
@@ -152,6 +172,7 @@ def test_unrelated_errors_pass_through(tmp_path):
     assert write_failure(SafetensorError("tensors share memory"), target) is None
     elsewhere = PermissionError(errno.EACCES, "Permission denied", "/etc/shadow")
     assert write_failure(elsewhere, target, target.parent) is None  # a read elsewhere, not our write
+    assert write_failure(OSError(errno.EMFILE, "Too many open files"), target) is None
     full = OSError(errno.ENOSPC, "No space left on device", "/tmp/x")
     assert isinstance(write_failure(full, target, target.parent), OutputError)  # only a write fills a disk
 
