@@ -67,21 +67,31 @@ def _check(
         for problem in recipe_problems(recipe, training=training, files=files):
             per_recipe.setdefault(problem, []).append(label)
     shared: list[Problem] = []
-    configs: dict[str, Any] = {}
-    for label, recipe in items if parent else ():
-        key = recipe.parent.model_dump_json()
-        if key not in configs:
-            configs[key] = _parent_config(recipe, shared, pending=bool(per_recipe or shared))
-        for problem in config_problems(recipe, configs[key], training=training) if configs[key] else ():
-            per_recipe.setdefault(problem, []).append(label)
-    problems = shared + [(key, _in_cells(msg, labels)) for (key, msg), labels in per_recipe.items()]
+    if parent:
+        configs: dict[str, Any] = {}  # the cells of a sweep share their parent: its config is read once
+        for label, recipe in items:
+            key = recipe.parent.model_dump_json()
+            if key not in configs:
+                configs[key] = _parent_config(recipe, shared, pending=bool(per_recipe or shared))
+            if configs[key] is not None:
+                for problem in config_problems(recipe, configs[key], training=training):
+                    per_recipe.setdefault(problem, []).append(label)
+    problems = shared + [
+        (key, _in_cells(msg, labels, len(items))) for (key, msg), labels in per_recipe.items()
+    ]
     if problems:
         raise RecipeError(source, problems)
 
 
-def _in_cells(message: str, labels: list[str | None]) -> str:
+def _in_cells(message: str, labels: list[str | None], total: int) -> str:
     named = [label for label in labels if label is not None]
-    return f"{message} (cells: {', '.join(named)})" if named else message
+    if not named:
+        return message
+    return (
+        f"{message} (all {total} cells)"
+        if len(named) == total > 1
+        else f"{message} (cells: {', '.join(named)})"
+    )
 
 
 def _parent_config(recipe: Recipe, problems: list[Problem], *, pending: bool) -> Any:
