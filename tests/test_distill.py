@@ -8,7 +8,7 @@ import torch
 from conftest import tiny_config
 from pydantic import ValidationError
 from torch.utils.data import Dataset
-from transformers import LlamaForCausalLM, TrainingArguments
+from transformers import LlamaForCausalLM, TrainerCallback, TrainingArguments
 
 from hfprune.recovery.distill import (
     DistillationLoss,
@@ -196,7 +196,18 @@ def masked_nonzeros(model, masks) -> int:
     return sum(int(torch.count_nonzero(params[name].detach()[~keep])) for name, keep in masks.items())
 
 
-def train(tmp_path, name: str, train_loss=None, masks=None) -> PruneTrainer:
+class StopAt(TrainerCallback):
+    """Simulates a kill right after the checkpoint of step `step`."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_training_stop = True
+
+
+def train(tmp_path, name: str, train_loss=None, masks=None, save_steps=None, resume=None, callbacks=()):
     args = TrainingArguments(
         output_dir=str(tmp_path / name),
         use_cpu=True,
@@ -205,7 +216,8 @@ def train(tmp_path, name: str, train_loss=None, masks=None) -> PruneTrainer:
         gradient_accumulation_steps=2,
         max_steps=100,
         logging_steps=1,
-        save_strategy="no",
+        save_strategy="steps" if save_steps else "no",
+        save_steps=save_steps or 500,
         disable_tqdm=True,
         seed=0,
         learning_rate=3e-3,
@@ -217,8 +229,9 @@ def train(tmp_path, name: str, train_loss=None, masks=None) -> PruneTrainer:
         token_budget=600,
         masks=masks,
         train_loss=train_loss,
+        callbacks=list(callbacks),
     )
-    trainer.train()
+    trainer.train(resume_from_checkpoint=resume)
     return trainer
 
 
@@ -247,3 +260,25 @@ def test_distillation_trains_counts_the_same_tokens_and_keeps_masks(tmp_path):
     inputs = batch(4)
     with torch.no_grad():
         assert kl(distilled.model, inputs, None).item() < kl(plain.model, inputs, None).item()
+
+
+def test_distillation_resumes_after_a_kill_like_an_uninterrupted_run(tmp_path):
+    teacher = tiny_llama(1, layers=3)
+    full = train(tmp_path, "full", train_loss=DistillationLoss(teacher, DistillSpec(divergence="jsd")))
+    train(
+        tmp_path,
+        "cut",
+        DistillationLoss(teacher, DistillSpec(divergence="jsd")),
+        save_steps=3,
+        callbacks=[StopAt(3)],
+    )
+    resumed = train(
+        tmp_path,
+        "cut",
+        DistillationLoss(copy.deepcopy(teacher), DistillSpec(divergence="jsd")),
+        resume=str(tmp_path / "cut" / "checkpoint-3"),
+    )
+    assert resumed.state.num_input_tokens_seen == full.state.num_input_tokens_seen
+    assert resumed.state.global_step == full.state.global_step > 3
+    for (name, p), q in zip(full.model.named_parameters(), resumed.model.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6, msg=name)

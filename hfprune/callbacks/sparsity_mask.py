@@ -20,7 +20,6 @@ spec, masks=masks)` so the adapters only ever update kept weights; the callback 
 masked weights under adapters that are not restricted that way.
 """
 
-import difflib
 import logging
 from collections.abc import Iterable, Iterator, Mapping
 
@@ -29,63 +28,35 @@ from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from hfprune.callbacks.param_names import (
+    MASKED_DELTA_ATTR,
+    adapted_layers,
+    adapter_layer_of,
+    canonical_name,
+    resolve_names,
+)
+
 
 logger = logging.getLogger(__name__)
-
-_WRAPPER_SEGMENTS = frozenset(
-    {"_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod", "base_layer"}  # base_layer: PEFT
-)
-_PEFT_PREFIX = ("base_model", "model")  # PeftModel -> its tuner (LoraModel, ...) -> the plain model
-
-MASKED_DELTA_ATTR = "hfprune_masked_delta"
-"""Set (True) on a PEFT layer whose adapter update is restricted to the base weight's keep mask
-(`hfprune.recovery.lora.restrict_to_masks`), so a merge keeps its pruned weights at zero."""
-
-
-def canonical_name(name: str) -> str:
-    """Parameter name as the plain model spells it: wrapper segments, leading `module.`, PEFT's leading
-    `base_model.model.` and `.base_layer.` infixes removed."""
-    parts = [part for part in name.split(".") if part not in _WRAPPER_SEGMENTS]
-    while len(parts) > 1 and parts[0] == "module":
-        parts = parts[1:]
-    if len(parts) > 2 and tuple(parts[:2]) == _PEFT_PREFIX:
-        parts = parts[2:]
-    return ".".join(parts)
-
-
-def _adapted_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """PEFT tuner layers by module name: the modules that wrap a `base_layer`."""
-    return {name: module for name, module in model.named_modules() if "base_layer" in module._modules}
-
-
-def _adapter_layer_of(param_name: str, adapted: Mapping[str, nn.Module]) -> str | None:
-    """The adapted layer `param_name` belongs to as an adapter parameter (inside the layer, outside its
-    `base_layer`), or None for a base or plain parameter."""
-    parts = param_name.split(".")
-    for i in range(len(parts) - 1):
-        prefix = ".".join(parts[:i])
-        if prefix in adapted and parts[i] != "base_layer":
-            return prefix
-    return None
 
 
 def _masks_from_zeros(model: nn.Module, param_names: Iterable[str] | None) -> dict[str, torch.Tensor]:
     params = dict(model.named_parameters(remove_duplicate=False))
-    adapted = _adapted_layers(model)
+    adapted = adapted_layers(model)
     if param_names is None:
         # lora_B starts at exactly zero: adapter weights are never taken for pruned ones.
         param_names = [
             f"{module_name}.weight"
             for module_name, module in model.named_modules()
             if isinstance(module, nn.Linear)
-            and _adapter_layer_of(f"{module_name}.weight", adapted) is None
+            and adapter_layer_of(f"{module_name}.weight", adapted) is None
             and bool((module.weight == 0).any())
         ]
     masks = {}
     for name in param_names:
         if name not in params:
             raise KeyError(f"no parameter named {name!r} in {type(model).__name__}")
-        if _adapter_layer_of(name, adapted) is not None:
+        if adapter_layer_of(name, adapted) is not None:
             raise ValueError(f"{name} is a PEFT adapter parameter; adapters are never masked")
         if isinstance(params[name], DTensor):
             raise TypeError(f"{name} is sharded (DTensor); build masks from the unsharded model")
@@ -110,28 +81,6 @@ def _zero_dropped(tensor: torch.Tensor, keep_bits: torch.Tensor) -> None:
     about ten times faster than `masked_fill_` with a bool mask on CPU, at the same byte per weight.
     """
     tensor.view(_BITS_BY_SIZE[tensor.element_size()]).bitwise_and_(keep_bits)
-
-
-def _resolve_names(mask_names: Iterable[str], param_names: Iterable[str]) -> dict[str, str]:
-    """Map each mask name to the model's (possibly wrapped) parameter name; `param_names` holds no
-    adapter parameters."""
-    by_canonical: dict[str, str] = {}
-    for name in param_names:
-        by_canonical.setdefault(canonical_name(name), name)
-    mapping, missing = {}, []
-    for mask_name in mask_names:
-        found = by_canonical.get(canonical_name(mask_name))
-        if found is None:
-            missing.append(mask_name)
-        else:
-            mapping[mask_name] = found
-    if missing:
-        hints = {m: difflib.get_close_matches(canonical_name(m), list(by_canonical), n=1) for m in missing}
-        listed = ", ".join(
-            f"{m!r}" + (f" (did you mean {hints[m][0]!r}?)" if hints[m] else "") for m in missing
-        )
-        raise KeyError(f"SparsityMaskCallback: masks name parameters the model does not have: {listed}")
-    return mapping
 
 
 class SparsityMaskCallback(TrainerCallback):
@@ -270,8 +219,8 @@ class SparsityMaskCallback(TrainerCallback):
             yield mask_name, param, self._local_keep_bits(mask_name, param)
 
     def _resolve(self, model: nn.Module, params: Mapping[str, torch.Tensor]) -> dict[str, str]:
-        adapted = _adapted_layers(model)
-        adapter_params = {name for name in params if _adapter_layer_of(name, adapted) is not None}
+        adapted = adapted_layers(model)
+        adapter_params = {name for name in params if adapter_layer_of(name, adapted) is not None}
         named_adapters = sorted(
             {canonical_name(m) for m in self.masks} & {canonical_name(name) for name in adapter_params}
         )
@@ -280,7 +229,7 @@ class SparsityMaskCallback(TrainerCallback):
                 f"SparsityMaskCallback: masks name PEFT adapter parameters ({', '.join(named_adapters)}); "
                 "adapters are never masked: mask the base weight (e.g. '...q_proj.weight') instead"
             )
-        names = _resolve_names(self.masks, [name for name in params if name not in adapter_params])
+        names = resolve_names(self.masks, [name for name in params if name not in adapter_params])
         if adapted:
             _warn_dense_adapters(names.values(), adapted)
         return names
