@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import errno
 import json
 import logging
 import os
@@ -195,7 +196,10 @@ def output_lock(out_dir: Path) -> Iterator[None]:
     created = [p for p in (path.parent, path.parent.parent) if not p.exists()]
     with writes_to(out_dir, out_dir):
         path.parent.mkdir(parents=True, exist_ok=True)
-    fd = _acquire(path, out_dir)
+        fd = _acquire(path, out_dir)
+    if fd is None:
+        yield
+        return
     _held.add(path)
     try:
         yield
@@ -204,7 +208,8 @@ def output_lock(out_dir: Path) -> Iterator[None]:
         _release(fd, path, created)
 
 
-def _acquire(path: Path, out_dir: Path) -> int:
+def _acquire(path: Path, out_dir: Path) -> int | None:
+    """The locked file's descriptor; None where the file system has no locks (some network mounts)."""
     import fcntl
 
     while True:
@@ -218,6 +223,12 @@ def _acquire(path: Path, out_dir: Path) -> int:
                 f"output folder {out_dir} is in use by {holder}; wait for that run to finish or stop it, "
                 "then rerun (one run at a time writes a folder)"
             ) from None
+        except OSError as err:
+            os.close(fd)
+            if err.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP):
+                raise
+            logger.warning("cannot lock %s (%s): a second run on it would not be stopped", out_dir, err)
+            return None
         # The previous holder may have removed the file between our open and our lock: lock the file
         # that is there now, never an orphan.
         if path.exists() and os.path.samestat(os.fstat(fd), os.stat(path)):

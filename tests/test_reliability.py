@@ -285,6 +285,18 @@ def test_a_lock_on_a_new_folder_leaves_nothing_and_other_ranks_do_not_lock(tmp_p
         assert not out.exists()
 
 
+def test_a_file_system_without_locks_runs_with_a_warning(tmp_path, monkeypatch, caplog):
+    import fcntl
+
+    def no_locks(_fd, _operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with output_lock(tmp_path / "run"):
+        pass
+    assert any("a second run on it would not be stopped" in r.getMessage() for r in caplog.records)
+
+
 # -- finding 8: temporaries a kill leaves, folder modes ---------------------------------------------
 def _die_inside_atomic_dir(target: Path) -> None:
     with atomic_dir(target) as tmp:
