@@ -21,6 +21,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from hfprune import kinds
 from hfprune.pruners import PRUNERS, UnknownPrunerError, get_pruner
 from hfprune.recipe_raw import RecipeError, read_recipe_yaml
 from hfprune.recipe_raw import apply_overrides as _apply_overrides
@@ -192,6 +193,9 @@ class TrainSpec(_Strict):
     @field_validator("runs")
     @classmethod
     def _unique_runs(cls, runs: list[str]) -> list[str]:
+        allowed = kinds.trained_names()
+        if unknown := [run for run in runs if run not in allowed]:
+            raise ValueError(f"unknown run {unknown[0]!r}; allowed: {', '.join(allowed)}")
         if len(set(runs)) != len(runs):
             raise ValueError("each run may appear once")
         return runs
