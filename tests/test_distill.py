@@ -282,3 +282,17 @@ def test_distillation_resumes_after_a_kill_like_an_uninterrupted_run(tmp_path):
     assert resumed.state.global_step == full.state.global_step > 3
     for (name, p), q in zip(full.model.named_parameters(), resumed.model.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_evaluation_keeps_the_models_own_loss(tmp_path):
+    model, teacher = tiny_llama(0), tiny_llama(1, layers=3)
+    args = TrainingArguments(
+        output_dir=str(tmp_path), use_cpu=True, report_to=[], per_device_eval_batch_size=3
+    )
+    data = PaddedTokens(3, seed=1)
+    plain = PruneTrainer(model=model, args=args, eval_dataset=data).evaluate()["eval_loss"]
+    hooked = PruneTrainer(
+        model=model, args=args, eval_dataset=data, train_loss=DistillationLoss(teacher, DistillSpec())
+    ).evaluate()["eval_loss"]
+    assert hooked == pytest.approx(plain, rel=1e-6)
+    assert plain == pytest.approx(model(**batch(3)).loss.item(), rel=1e-5)

@@ -128,38 +128,41 @@ def distillation_loss(
         if teacher_head is None:
             raise ValueError("a teacher head is needed when alpha > 0")
         h_t = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])[valid]
-        divergence, _entropy = ChunkedDivergenceFunction.apply(
-            h_s,
-            student_head.weight,
-            student_head.bias,
-            h_t,
-            teacher_head.weight,
-            teacher_head.bias,
-            spec.trl_beta,
-            spec.temperature,
-            student_head.scale,
-            student_head.softcap,
-            teacher_head.scale,
-            teacher_head.softcap,
+        total = total + spec.alpha * spec.temperature**2 * _divergence_sum(
+            h_s, h_t, student_head, teacher_head, spec
         )
-        total = total + spec.alpha * spec.temperature**2 * divergence.sum()
     if spec.alpha < 1:
-        targets = labels.reshape(-1)[valid]
-        log_probs = ChunkedLogProbFunction.apply(
-            h_s,
-            student_head.weight,
-            student_head.bias,
-            targets,
-            1.0,
-            VOCAB_CHUNK_SIZE,
-            student_head.softcap,
-            student_head.scale,
-            (),
-        )[0]
-        total = total - (1 - spec.alpha) * log_probs.sum()
+        total = total + (1 - spec.alpha) * _cross_entropy_sum(h_s, labels.reshape(-1)[valid], student_head)
     if isinstance(count, torch.Tensor):
         count = count.to(total.device)
     return total / count
+
+
+def _divergence_sum(
+    h_s: torch.Tensor, h_t: torch.Tensor, student: LogitHead, teacher: LogitHead, spec: DistillSpec
+) -> torch.Tensor:
+    divergence, _entropy = ChunkedDivergenceFunction.apply(
+        h_s,
+        student.weight,
+        student.bias,
+        h_t,
+        teacher.weight,
+        teacher.bias,
+        spec.trl_beta,
+        spec.temperature,
+        student.scale,
+        student.softcap,
+        teacher.scale,
+        teacher.softcap,
+    )
+    return divergence.sum()
+
+
+def _cross_entropy_sum(h_s: torch.Tensor, targets: torch.Tensor, head: LogitHead) -> torch.Tensor:
+    log_probs = ChunkedLogProbFunction.apply(
+        h_s, head.weight, head.bias, targets, 1.0, VOCAB_CHUNK_SIZE, head.softcap, head.scale, ()
+    )[0]
+    return -log_probs.sum()
 
 
 def final_hidden_states(model: nn.Module, inputs: Mapping[str, Any]) -> torch.Tensor:
