@@ -12,6 +12,7 @@ transformers 5.24 is exact for this purpose: it adds `attention_mask.sum()` (or 
 running total in `TrainerState.num_input_tokens_seen`, and saves and restores it with every checkpoint.
 """
 
+import inspect
 import logging
 import math
 from collections.abc import Mapping
@@ -90,34 +91,39 @@ def budget_schedule(
     }
 
 
-_TRAINER_LOGGER = logging.getLogger("transformers.trainer")
-
-
 class _CountAllTokensNote(logging.Filter):
     """Turns the Trainer's per-micro-batch "could not determine" warning into one note of ours.
 
     With `"non_padding"` counting, batches without an `attention_mask` and a Trainer without a tokenizer
     that has a pad token leave the Trainer nothing to tell padding by: it counts every token, which is
-    right for packed data, and says so on every micro-batch. Installed on the Trainer's logger while a
-    budgeted run trains.
+    right for packed data, and says so on every micro-batch. The filter sits on the Trainer's logger and
+    acts only for a Trainer that has a `TokenBudgetCallback` (found on the call stack), so it holds no
+    state between runs and other Trainers keep the stock warning.
     """
 
     MESSAGE = "Could not determine method to count non-padding tokens"
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.noted = False
-
     def filter(self, record: logging.LogRecord) -> bool:
         if self.MESSAGE not in record.getMessage():
             return True
-        if not self.noted:
-            self.noted = True
-            logger.info(
-                "Batches carry no attention_mask and the Trainer has no tokenizer with a pad token: every "
-                "input token counts toward the budget (pass an attention_mask to leave padding out)"
-            )
+        budget = _budget_of_counting_trainer()
+        if budget is None:
+            return True
+        budget.note_counting_all_tokens()
         return False
+
+
+def _budget_of_counting_trainer() -> "TokenBudgetCallback | None":
+    """The `TokenBudgetCallback` of the Trainer whose token counting is logging now, if it has one."""
+    frame = inspect.currentframe()
+    while frame is not None and frame.f_code.co_name != "_track_num_input_tokens":
+        frame = frame.f_back
+    trainer = frame.f_locals.get("self") if frame is not None else None
+    callbacks = getattr(getattr(trainer, "callback_handler", None), "callbacks", [])
+    return next((cb for cb in callbacks if isinstance(cb, TokenBudgetCallback)), None)
+
+
+_COUNT_NOTE = _CountAllTokensNote()
 
 
 class TokenBudgetCallback(TrainerCallback):
@@ -153,7 +159,8 @@ class TokenBudgetCallback(TrainerCallback):
         self.token_budget = int(token_budget)
         self._tokens_at_step_begin: int | None = None
         self._warned_no_progress = False
-        self._count_note = _CountAllTokensNote()
+        self._noted_all_tokens = False
+        logging.getLogger("transformers.trainer").addFilter(_COUNT_NOTE)  # once: addFilter deduplicates
 
     def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         self._enable_token_counting(args)
@@ -161,7 +168,6 @@ class TokenBudgetCallback(TrainerCallback):
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         # Again here: a callback added with `trainer.add_callback` never sees `on_init_end`.
         self._enable_token_counting(args)
-        _TRAINER_LOGGER.addFilter(self._count_note)
         if state.num_input_tokens_seen < self.token_budget:
             return
         if state.global_step >= state.max_steps:
@@ -180,7 +186,6 @@ class TokenBudgetCallback(TrainerCallback):
             )
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
-        _TRAINER_LOGGER.removeFilter(self._count_note)
         tokens = int(state.num_input_tokens_seen)
         if tokens >= self.token_budget:
             return
@@ -243,6 +248,15 @@ class TokenBudgetCallback(TrainerCallback):
         # The Trainer appends a copy of `logs` to the history before calling back, so update that copy too.
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1]["tokens_trained"] = tokens
+
+    def note_counting_all_tokens(self) -> None:
+        """Say once that batches without a mask are counted whole (see `_CountAllTokensNote`)."""
+        if not self._noted_all_tokens:
+            self._noted_all_tokens = True
+            logger.info(
+                "Batches carry no attention_mask and the Trainer has no tokenizer with a pad token: every "
+                "input token counts toward the budget (pass an attention_mask to leave padding out)"
+            )
 
     @staticmethod
     def _enable_token_counting(args: TrainingArguments) -> None:
