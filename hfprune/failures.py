@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import os
 import re
 import shutil
 from collections.abc import Iterator
@@ -38,7 +39,13 @@ _TORCH_WRITE_FAILURE = ("PytorchStreamWriter failed", "inline_container.cc")
 
 
 class OutputError(RunFailure, OSError):
-    """Writing an output failed (full disk, permissions); nothing that existed was replaced."""
+    """Writing an output failed (full disk, permissions); nothing that existed was replaced.
+
+    Built as `OutputError(errno, message)`; it reads as the message alone, without `[Errno N]`.
+    """
+
+    def __str__(self) -> str:
+        return self.strerror or super().__str__()
 
 
 class OutOfMemory(RunFailure):
@@ -63,7 +70,8 @@ def write_failure(err: BaseException, target: Path, within: Path | None = None) 
             return None
         detail = err.strerror or str(err)
     elif type(err).__name__ == "SafetensorError" and (found := _RUST_OS_CODE.search(str(err))):
-        code, detail = int(found.group(1)), str(err)
+        code = int(found.group(1))
+        detail = os.strerror(code)
     elif isinstance(err, RuntimeError) and any(s in str(err) for s in _TORCH_WRITE_FAILURE):
         # torch does not say why a write failed; a disk with no room left is by far the usual reason.
         code, detail = (errno.ENOSPC if _disk_full(within) else None), "the write failed"
