@@ -157,7 +157,7 @@ def test_a_local_recipes_folder_wins_over_the_shipped_one(tmp_path, monkeypatch)
 
 
 @pytest.mark.slow
-def test_an_installed_wheel_lists_validates_and_renders_cards_from_anywhere(tmp_path):
+def test_an_installed_wheel_lists_validates_and_renders_cards_from_anywhere(tmp_path, write_recipe):
     wheel = _build_wheel(tmp_path)
     env = tmp_path / "venv"
     venv.create(env, with_pip=True)
@@ -186,3 +186,9 @@ def test_an_installed_wheel_lists_validates_and_renders_cards_from_anywhere(tmp_
         [hfprune_bin, "validate", "--no-files"], cwd=work, capture_output=True, text=True
     )
     assert checked.returncode == 0, checked.stdout + checked.stderr
+    recipe = write_recipe()
+    subprocess.run([hfprune_bin, "prune", str(recipe)], cwd=work, capture_output=True, check=True)
+    card = tmp_path / "out" / "tiny" / "models" / "pruned" / "README.md"
+    card.unlink(missing_ok=True)
+    subprocess.run([hfprune_bin, "card", str(card.parents[2])], cwd=work, capture_output=True, check=True)
+    assert "pruned by **shortgpt**" in card.read_text()
