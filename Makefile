@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 .PHONY: test test-slow test-gpu demo lint format assets clean
 
 # pyproject.toml declares the supported ranges; constraints.txt picks the exact, tested versions inside them.
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml setup.py constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet -c constraints.txt --upgrade pip
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
