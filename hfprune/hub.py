@@ -30,6 +30,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Pretra
 from hfprune import kinds
 from hfprune.errors import RunFailure
 from hfprune.modeling import check_supported
+from hfprune.placement import place, resolve_device
 
 
 logger = logging.getLogger(__name__)
@@ -105,7 +106,9 @@ def load_parent_config(spec: Any) -> PretrainedConfig:
 
 
 def load_parent(spec: Any) -> Parent:
-    """Load the parent model and tokenizer described by a recipe's `parent` section."""
+    """Load the parent model and tokenizer described by a recipe's `parent` section, placed on
+    `parent.device` (`hfprune.placement`: the accelerator when there is one)."""
+    device = resolve_device(getattr(spec, "device", "auto"))  # a device this machine lacks fails first
     config = load_parent_config(spec)
     dtype = "auto" if spec.dtype == "auto" else getattr(torch, spec.dtype)
     tokenizer = _load("tokenizer", spec, AutoTokenizer.from_pretrained)
@@ -114,6 +117,7 @@ def load_parent(spec: Any) -> Parent:
     if spec.gguf_file:
         model = _plain_copy(model)
     model.eval()
+    place(model, device, stage=f"parent {spec.model}")
     logger.info("loaded parent %s (%s layers)", spec.model, model.config.num_hidden_layers)
     return Parent(model=model, tokenizer=tokenizer)
 

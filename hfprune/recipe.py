@@ -22,6 +22,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from hfprune import kinds
+from hfprune.placement import device_spec_problem
 from hfprune.pruners import PRUNERS, UnknownPrunerError, get_pruner
 from hfprune.recipe_raw import RecipeError, read_recipe_yaml
 from hfprune.recipe_raw import apply_overrides as _apply_overrides
@@ -60,6 +61,17 @@ class ParentSpec(_Strict):
     hub_id: str | None = Field(
         default=None, description="Hub id recorded as `base_model` in cards when `model` is a local path"
     )
+    device: str | int = Field(
+        default="auto", description="auto (the accelerator when there is one) | cpu | cuda | cuda:N | N"
+    )
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, device: str | int) -> str | int:
+        problem = device_spec_problem(device)
+        if problem:
+            raise ValueError(problem)
+        return device
 
 
 class PruneSpec(_Strict):

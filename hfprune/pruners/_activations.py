@@ -1,18 +1,18 @@
-"""Activation statistics for the width pruners: per-channel sums gathered layer by layer, and ranking.
+"""Activation statistics for the width pruners: per-channel sums streamed from calibration, and ranking.
 
-Sits between calibration (`calibrate.walk_layers`, which feeds each decoder layer its inputs) and the
-width pruners' scores: hooks on named submodules of a layer accumulate count, sum and sum of squares
-per channel, in float64, without keeping the activations.
+Sits between calibration (`calibrate.stream_forward`, one forward per calibration batch) and the width
+pruners' scores: hooks on named submodules of every decoder layer accumulate count, sum and sum of
+squares per channel, in float64 on the device the activations are computed on, without keeping the
+activations. Memory is the statistics plus one batch's activations, whatever the number of windows.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import torch
 from transformers import PreTrainedModel
 
-from hfprune.calibrate import walk_layers
+from hfprune.calibrate import stream_forward
+from hfprune.modeling import decoder_layers
 
 
 # Tokens per reduction step: a whole 8192-token window of 14336 FFN activations in float64 is ~1 GiB.
@@ -49,29 +49,34 @@ class ChannelStats:
         return (self.squares - self.total.square() / self.count) / max(self.count - 1, 1)
 
 
-def layer_statistics(
+def stream_statistics(
     model: PreTrainedModel,
     calibration: torch.Tensor,
     batch_size: int,
     probes: dict[str, tuple[str, str]],
     desc: str,
-) -> Iterator[dict[str, ChannelStats]]:
-    """For each decoder layer in order, `ChannelStats` of every probe: name -> (submodule, "input"|"output")."""
-    for step in walk_layers(model, calibration, batch_size, desc=desc):
-        stats = {name: ChannelStats() for name in probes}
-        handles = []
+) -> list[dict[str, ChannelStats]]:
+    """Per decoder layer, `ChannelStats` of every probe: name -> (submodule path, "input"|"output").
+
+    One streamed pass over the calibration set; each layer's statistics see the batches in order, so
+    the sums are the ones a layer-by-layer walk over the same batches computes.
+    """
+    layers = decoder_layers(model)
+    stats = [{name: ChannelStats() for name in probes} for _ in layers]
+    handles = []
+    for layer, layer_stats in zip(layers, stats, strict=True):
         for name, (path, where) in probes.items():
-            module, stat = step.layer.get_submodule(path), stats[name]
+            module, stat = layer.get_submodule(path), layer_stats[name]
             if where == "input":
                 handles.append(module.register_forward_pre_hook(lambda _m, args, s=stat: s.add(args[0])))
             else:
                 handles.append(module.register_forward_hook(lambda _m, _a, out, s=stat: s.add(out)))
-        try:
-            step.forward()
-        finally:
-            for handle in handles:
-                handle.remove()
-        yield stats
+    try:
+        stream_forward(model, calibration, batch_size, desc)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return stats
 
 
 def top_indices(scores: torch.Tensor, keep: int) -> list[int]:

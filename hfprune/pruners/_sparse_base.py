@@ -1,12 +1,14 @@
 """Plumbing shared by the sparse pruners: plan, ratio checks, hooks, the sequential walk, masks, report.
 
 Sits under `hfprune.pruners.sparse` (the registered pruners) and over `_sparse_math` (pure tensor
-math). `SparsePruner.prune()` walks the decoder layer by layer (`hfprune.calibrate.walk_layers`):
-hooks record one layer's input statistics, the layer is pruned, and it is run again so that the next
-layer is calibrated on pruned outputs. Only one layer's activations and statistics are alive at a
-time, so memory does not grow with depth. `score()` + `apply()` is the one-shot variant: every layer
-is scored on the dense parent and the statistics of all layers are kept (on the CPU), so its memory
-does grow with depth.
+math). `SparsePruner.prune()` walks the decoder layer by layer (`hfprune.calibrate.LayerWalk`): hooks
+record one layer's input statistics, the layer is pruned, and it is run again so that the next layer
+is calibrated on pruned outputs. The walk holds every calibration window's hidden state at the current
+depth, at most `max_activation_bytes` of them in memory (on the model's device) and the rest spilled to
+files; only one layer's statistics are alive at a time. `prune_report.json` says how much was held
+(`activations`). `score()` + `apply()` is the one-shot variant: every layer is scored on the dense
+parent from streamed forward passes (memory of one batch) and the statistics of all layers are kept
+(on the CPU), so its memory grows with depth but not with the number of windows.
 
 Ratio is the sparsity of the seven linear weights of every decoder block (q, k, v, o, gate, up,
 down, named by the parent's `ArchitectureSpec`), the same in every layer; embeddings, norms, biases
@@ -15,11 +17,9 @@ and the LM head stay dense.
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
@@ -27,23 +27,34 @@ from pydantic import Field
 from transformers import PretrainedConfig, PreTrainedModel
 
 from hfprune.architectures import ParamCount, architecture_of
-from hfprune.calibrate import LayerStep, walk_layers
-from hfprune.masks import sparsity_report
+from hfprune.calibrate import LayerStep, LayerWalk, stream_forward
 from hfprune.modeling import count_config_parameters, decoder_layers
 from hfprune.pruners._sparse_math import HessianError, Pattern
+from hfprune.pruners._sparse_report import param_names, sparse_result, stats_to_cpu, timed
 from hfprune.pruners.base import Granularity, Pruner, PruneResult, PrunerOptions, ShapeError, TargetShape
 
-
-logger = logging.getLogger(__name__)
 
 # One statistic per group of linears that read the same input (the spec's `linear_groups`).
 LayerStats = dict[str, torch.Tensor]
 LinearGroups = tuple[tuple[str, ...], ...]
 
 
+# Default budget of calibration activations the sequential walk holds in memory: 4 GiB holds the
+# literature's 128 x 2048 tokens of an 8B model in bf16 (2 GiB); the rest of a larger set is spilled.
+DEFAULT_ACTIVATION_BYTES = 4 * 2**30
+
+
 class SparseOptions(PrunerOptions):
     pattern: Literal["unstructured", "2:4", "4:8"] = Field(
         default="unstructured", description="unstructured, or N:M (keep N of every M inputs; ratio 0.5 only)"
+    )
+
+
+class CalibratedSparseOptions(SparseOptions):
+    max_activation_bytes: int = Field(
+        default=DEFAULT_ACTIVATION_BYTES,
+        ge=0,
+        description="calibration hidden states held in memory by the sequential walk; the rest go to files",
     )
 
 
@@ -133,12 +144,26 @@ class SparsePruner(Pruner):
     def score(
         self, model: PreTrainedModel, calibration: torch.Tensor | None, batch_size: int = 1
     ) -> list[LayerStats | None]:
-        """Per-layer statistics of the dense model (one-shot, on the CPU); None where none are used."""
+        """Per-layer statistics of the dense model (one-shot, on the CPU); None where none are used.
+
+        One streamed forward per calibration batch; hooks on every layer accumulate on the device.
+        """
+        layers = decoder_layers(model)
         if not self.needs_calibration:
-            return [None] * len(decoder_layers(model))
+            return [None] * len(layers)
         groups = architecture_of(model.config).linear_groups
-        steps = walk_layers(model, self._require(calibration), batch_size, desc=f"{self.name} statistics")
-        return [_to_cpu(self.collect(step, groups)) for step in steps]
+        stats: list[LayerStats] = [{} for _ in layers]
+        handles = [
+            layer.get_submodule(group[0]).register_forward_hook(self._lazy_observer(layer_stats, group))
+            for layer, layer_stats in zip(layers, stats, strict=True)
+            for group in groups
+        ]
+        try:
+            stream_forward(model, self._require(calibration), batch_size, f"{self.name} statistics")
+        finally:
+            for handle in handles:
+                handle.remove()
+        return [stats_to_cpu(layer_stats) for layer_stats in stats]
 
     def score_for_ratios(
         self,
@@ -155,12 +180,12 @@ class SparsePruner(Pruner):
     def apply(self, model: PreTrainedModel, scores: list[LayerStats | None], ratio: float) -> PruneResult:
         self._check_ratio(ratio)
         timing: dict[str, float] = {}
-        names, groups = _param_names(model), architecture_of(model.config).linear_groups
+        names, groups = param_names(model), architecture_of(model.config).linear_groups
         masks: dict[str, torch.Tensor] = {}
-        with _timed(timing, "pruning"):
+        with timed(timing, "pruning"):
             for layer, stats in zip(decoder_layers(model), scores, strict=True):
                 masks |= self.prune_layer(layer, stats, ratio, names, groups)
-        return self._result(model, masks, ratio, sequential=False, timing=timing)
+        return sparse_result(self.name, self.pattern, model, masks, ratio, sequential=False, timing=timing)
 
     @torch.no_grad()
     def prune(
@@ -180,18 +205,20 @@ class SparsePruner(Pruner):
         self, model: PreTrainedModel, calibration: torch.Tensor, ratio: float, batch_size: int
     ) -> PruneResult:
         timing: dict[str, float] = {}
-        names, groups = _param_names(model), architecture_of(model.config).linear_groups
+        names, groups = param_names(model), architecture_of(model.config).linear_groups
         masks: dict[str, torch.Tensor] = {}
-        for step in walk_layers(model, calibration, batch_size, desc=f"{self.name} sequential"):
-            with _timed(timing, "statistics_forward"):
+        budget = getattr(self.options, "max_activation_bytes", None)
+        walk = LayerWalk(model, calibration, batch_size, f"{self.name} sequential", budget)
+        for step in walk:
+            with timed(timing, "statistics_forward"):
                 stats = self.collect(step, groups)
-            with _timed(timing, "pruning"):
+            with timed(timing, "pruning"):
                 masks |= self.prune_layer(step.layer, stats, ratio, names, groups)
             del stats  # this layer's statistics die here, before the next layer's are built
-            with _timed(timing, "pruned_forward"):
-                step.outputs = None  # drop the dense outputs before computing the pruned ones
-                step.forward()
-        return self._result(model, masks, ratio, sequential=True, timing=timing)
+        timing["pruned_forward"] = walk.advance_seconds  # each pruned layer's outputs, for the next
+        result = sparse_result(self.name, self.pattern, model, masks, ratio, sequential=True, timing=timing)
+        result.details["activations"] = walk.report
+        return result
 
     def collect(self, step: LayerStep, groups: LinearGroups) -> LayerStats:
         """Run the layer once with hooks; one statistic per group of linears that read the same input."""
@@ -212,6 +239,16 @@ class SparsePruner(Pruner):
     def _observer(self, statistic: torch.Tensor) -> Callable[..., None]:
         def hook(_module: torch.nn.Module, args: tuple, _output: Any) -> None:
             self.accumulate(statistic, args[0].reshape(-1, args[0].shape[-1]).float())
+
+        return hook
+
+    def _lazy_observer(self, stats: LayerStats, group: tuple[str, ...]) -> Callable[..., None]:
+        """A hook creating the group's statistic on its first input, where that input is computed."""
+
+        def hook(module: torch.nn.Module, args: tuple, _output: Any) -> None:
+            if group[0] not in stats:
+                stats.update(dict.fromkeys(group, self.new_statistic(module.in_features, args[0].device)))
+            self.accumulate(stats[group[0]], args[0].reshape(-1, args[0].shape[-1]).float())
 
         return hook
 
@@ -242,56 +279,7 @@ class SparsePruner(Pruner):
                 masks[names[id(weight)]] = keep.cpu()
         return masks
 
-    def _result(
-        self,
-        model: PreTrainedModel,
-        masks: dict[str, torch.Tensor],
-        ratio: float,
-        sequential: bool,
-        timing: dict,
-    ) -> PruneResult:
-        before = count_config_parameters(model.config)
-        pruned = sum(keep.numel() - int(keep.count_nonzero()) for keep in masks.values())
-        shape = TargetShape({}, before, ParamCount(before.total - pruned, before.embedding), ratio)
-        report = sparsity_report(model, masks)
-        logger.info(
-            "%s: %s sparsity %.4f of the linear weights (%.4f of non-embedding parameters)",
-            self.name,
-            report["pattern"],
-            report["sparsity"],
-            shape.ratio_achieved,
-        )
-        details = {
-            "pattern": str(self.pattern),
-            "sequential": sequential,
-            "sparsity": report,
-            "timing_seconds": {key: round(value, 3) for key, value in timing.items()},
-        }
-        return PruneResult(model=model, shape=shape, details=details, masks=masks)
-
     def _require(self, calibration: torch.Tensor | None) -> torch.Tensor:
         if calibration is None:
             raise ValueError(f"{self.name} needs calibration tokens")
         return calibration
-
-
-def _param_names(model: PreTrainedModel) -> dict[int, str]:
-    return {id(param): name for name, param in model.named_parameters()}
-
-
-def _to_cpu(stats: LayerStats) -> LayerStats:
-    """Move a layer's statistics to the CPU, keeping one copy per group that shares it."""
-    moved: dict[int, torch.Tensor] = {}
-    for tensor in stats.values():
-        if id(tensor) not in moved:
-            moved[id(tensor)] = tensor.cpu()
-    return {name: moved[id(tensor)] for name, tensor in stats.items()}
-
-
-@contextlib.contextmanager
-def _timed(totals: dict[str, float], key: str) -> Iterator[None]:
-    start = time.perf_counter()
-    yield
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.synchronize()  # kernels are asynchronous; without this GPU work lands in the wrong bucket
-    totals[key] = totals.get(key, 0.0) + time.perf_counter() - start

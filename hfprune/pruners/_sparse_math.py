@@ -14,8 +14,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
-from hfprune.errors import RunFailure
 
+from hfprune.errors import RunFailure
 
 
 PATTERNS = ("unstructured", "2:4", "4:8")

@@ -8,9 +8,8 @@ layers; `minitron_depth` drops the one contiguous block whose removal changes ca
 
 from __future__ import annotations
 
-import contextlib
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -18,11 +17,11 @@ import torch
 from pydantic import Field
 from transformers import PretrainedConfig, PreTrainedModel
 
-from hfprune.calibrate import walk_layers
-from hfprune.eval import perplexity
+from hfprune.calibrate import execution_device, layer_input, layer_output, stream_forward
 from hfprune.modeling import count_config_parameters, decoder_layers, updated_config
 from hfprune.pruners import register_pruner
-from hfprune.pruners._ops import drop_layers, restore_layers, select_layers
+from hfprune.pruners._blocks import block_nlls
+from hfprune.pruners._ops import drop_layers
 from hfprune.pruners.base import Granularity, Pruner, PruneResult, PrunerOptions, TargetShape
 from hfprune.pruners.shapes import RATIO_TOLERANCE, require_within
 
@@ -80,32 +79,35 @@ class ShortGPTPruner(DepthPruner):
     def score(
         self, model: PreTrainedModel, calibration: torch.Tensor | None, batch_size: int = 1
     ) -> torch.Tensor:
+        """BI of every layer from one streamed forward per calibration batch.
+
+        A forward hook on each layer sees its input and output on the model's device and adds the
+        batch's cosines into a float64 running sum there; no hidden state is kept or copied.
+        """
         if calibration is None:
             raise ValueError("shortgpt needs calibration tokens")
-        scores = torch.zeros(len(decoder_layers(model)), dtype=torch.float64)
-        for step in walk_layers(model, calibration, batch_size, desc="shortgpt block influence"):
-            cos_sum, tokens = 0.0, 0
-            for h_in, h_out in zip(step.inputs, step.forward(), strict=True):
+        layers = decoder_layers(model)
+        sums = torch.zeros(len(layers), dtype=torch.float64, device=execution_device(model))
+        counts = [0] * len(layers)
+
+        def influence(index: int) -> Callable[..., None]:
+            def hook(_module: torch.nn.Module, args: tuple, kwargs: dict, output: object) -> None:
+                h_in, h_out = layer_input(args, kwargs), layer_output(output)
                 cos = torch.nn.functional.cosine_similarity(h_in.float(), h_out.float(), dim=-1)
-                cos_sum += cos.double().sum().item()
-                tokens += cos.numel()
-            scores[step.index] = 1.0 - cos_sum / tokens
-        return scores
+                sums[index] += cos.double().sum().to(sums.device)
+                counts[index] += cos.numel()
 
+            return hook
 
-@contextlib.contextmanager
-def without_block(model: PreTrainedModel, start: int, length: int) -> Iterator[None]:
-    """Temporarily skip decoder layers start..start+length-1; the model is restored on exit.
-
-    Only the layer list is swapped (no weights are copied or changed), which is what lets scoring
-    try every start position without touching the parent.
-    """
-    count = model.config.num_hidden_layers
-    saved = select_layers(model, [i for i in range(count) if not start <= i < start + length])
-    try:
-        yield
-    finally:
-        restore_layers(model, saved)
+        handles = [
+            layer.register_forward_hook(influence(i), with_kwargs=True) for i, layer in enumerate(layers)
+        ]
+        try:
+            stream_forward(model, calibration, batch_size, "shortgpt block influence")
+        finally:
+            for handle in handles:
+                handle.remove()
+        return 1.0 - sums.cpu() / torch.tensor(counts, dtype=torch.float64)
 
 
 @dataclass
@@ -170,17 +172,12 @@ class MinitronDepthPruner(DepthPruner):
             raise ValueError("minitron_depth needs calibration tokens")
         count = model.config.num_hidden_layers
         lengths = range(1, count) if lengths is None else [k for k in lengths if k > 0]
-
-        def ppl() -> float:
-            return perplexity(model, calibration, False, {"name": "calibration"}, batch_size).value
-
-        scores = BlockScores(baseline=ppl())
-        for length in lengths:
-            values = []
-            for start in range(count - length + 1):
-                with without_block(model, start, length):
-                    values.append(ppl())
-            scores.perplexity[length] = values
+        blocks = [(start, length) for length in lengths for start in range(count - length + 1)]
+        totals, tokens = block_nlls(model, calibration, batch_size, blocks)
+        values = torch.exp(totals.cpu() / tokens).tolist()
+        scores = BlockScores(baseline=values[0])
+        for (_start, length), value in zip(blocks, values[1:], strict=True):
+            scores.perplexity.setdefault(length, []).append(value)
         return scores
 
     def prune(

@@ -15,7 +15,7 @@ import torch
 from pydantic import Field, model_validator
 
 from hfprune.pruners import register_pruner
-from hfprune.pruners._sparse_base import SparseOptions, SparsePruner
+from hfprune.pruners._sparse_base import CalibratedSparseOptions, SparsePruner
 from hfprune.pruners._sparse_math import (
     Pattern,
     inverse_hessian_factor,
@@ -27,7 +27,7 @@ from hfprune.pruners._sparse_math import (
 )
 
 
-class SparseGPTOptions(SparseOptions):
+class SparseGPTOptions(CalibratedSparseOptions):
     block_size: int = Field(default=128, gt=0, description="columns pruned together (mask chosen per block)")
     dampening: float = Field(default=0.01, gt=0, description="added to the Hessian diagonal, x its mean")
 
@@ -54,9 +54,11 @@ class WandaPruner(SparsePruner):
           ratio: 0.5
           options:
             pattern: unstructured   # or 2:4 / 4:8 (ratio 0.5 only)
+            max_activation_bytes: 4294967296   # calibration hidden states held in memory (the rest spill)
     """
 
     description = "|W| x input-feature L2 norm, compared within each output row; no weight update"
+    Options = CalibratedSparseOptions
 
     def new_statistic(self, features: int, device: torch.device) -> torch.Tensor:
         return torch.zeros(features, dtype=torch.float32, device=device)
@@ -87,6 +89,7 @@ class SparseGPTPruner(SparsePruner):
             pattern: 2:4      # or unstructured / 4:8
             block_size: 128
             dampening: 0.01
+            max_activation_bytes: 4294967296   # calibration hidden states held in memory (the rest spill)
     """
 
     description = "OBS saliency from the calibration Hessian, blocked, with updates of surviving weights"

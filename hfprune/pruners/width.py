@@ -2,7 +2,8 @@
 
 `minitron_width` removes residual-stream (hidden) channels and FFN neurons and keeps every attention
 head; `flap` removes whole GQA groups and FFN neurons and keeps the hidden size. Both score from
-activation statistics gathered layer by layer (`calibrate.walk_layers`), take their target sizes from
+activation statistics streamed from one forward per calibration batch (`_activations.stream_statistics`,
+summed on the model's device), take their target sizes from
 the resolver in `shapes.py`, and leave the surgery to `_ops.py`; module names come from the parent's
 `ArchitectureSpec`. `prune_report.json` lists what was kept.
 """
@@ -20,7 +21,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 
 from hfprune.architectures import ArchitectureSpec, architecture_of
 from hfprune.pruners import _ops, register_pruner
-from hfprune.pruners._activations import layer_statistics, standardize, top_indices
+from hfprune.pruners._activations import standardize, stream_statistics, top_indices
 from hfprune.pruners.base import Granularity, Pruner, PruneResult, PrunerOptions, TargetShape
 from hfprune.pruners.shapes import RATIO_TOLERANCE, plan_groups, plan_width
 
@@ -91,7 +92,7 @@ class MinitronWidthPruner(Pruner):
         probes["ffn"] = (spec.down_proj, "input")
         hidden, ffn = 0, []
         ids = _require(calibration, "minitron_width")
-        for stats in layer_statistics(model, ids, batch_size, probes, "minitron_width activations"):
+        for stats in stream_statistics(model, ids, batch_size, probes, "minitron_width activations"):
             for norm in spec.layer_norms:
                 hidden = hidden + stats[norm].squares
             ffn.append(stats["ffn"].squares)
@@ -176,12 +177,14 @@ class FlapPruner(Pruner):
         groups, ffn, attention_mean, ffn_mean = [], [], [], []
         ids = _require(calibration, "flap")
         layers = spec.decoder_layers(model)
-        for index, stats in enumerate(layer_statistics(model, ids, batch_size, probes, "flap fluctuation")):
-            layer = layers[index]
-            channel = stats["attention"].variance * _column_norms(layer.get_submodule(spec.o_proj).weight)
+        all_stats = stream_statistics(model, ids, batch_size, probes, "flap fluctuation")
+        for layer, stats in zip(layers, all_stats, strict=True):
+            weight = layer.get_submodule(spec.o_proj).weight
+            channel = stats["attention"].variance * _column_norms(weight).to(stats["attention"].total.device)
             heads = channel.view(config.num_attention_heads, -1).sum(-1)
             groups.append(heads.view(config.num_key_value_heads, -1).mean(-1))
-            ffn.append(stats["ffn"].variance * _column_norms(layer.get_submodule(spec.down_proj).weight))
+            down = _column_norms(layer.get_submodule(spec.down_proj).weight)
+            ffn.append(stats["ffn"].variance * down.to(stats["ffn"].total.device))
             attention_mean.append(stats["attention"].mean)
             ffn_mean.append(stats["ffn"].mean)
         groups, ffn, attention_mean, ffn_mean = (
