@@ -1,5 +1,7 @@
 """make_scratch_twin: same architecture and size, fresh and reproducible weights, masks and ties kept."""
 
+import hashlib
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -115,3 +117,47 @@ def test_embeddings_and_norms_switch_and_ties(tie):
     )
     if not tie:
         assert not torch.equal(kept.lm_head.weight, pruned.lm_head.weight)
+
+
+def _digest(model: torch.nn.Module) -> str:
+    """SHA-256 of every state-dict entry's name, dtype and raw bytes, in order."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(str(tensor.dtype).encode())
+        digest.update(tensor.detach().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+# Digests of the twins `make_scratch_twin` built when the quickstart's published numbers were measured
+# (the model class's constructor under torch.manual_seed(seed), on the CPU in float32). A different
+# digest means every scratch-arm number moves: change these only on purpose, with the numbers.
+GOLDEN_TWINS = {
+    "plain_seed0": "ed1d9e0032e7f9a5140b193c1ff36004e57db308ddcac5d50a6526a7e57c5ff2",
+    "plain_seed7": "839cf7911d2e987798d8066c8353fcb60723046df6855c21c386d974beb2cd36",
+    "bf16_seed0": "d86df65bc43ed32bf543926b3fcbf3ca68b3431d5f8eb176ae93cd7572bde988",
+    "tied_seed0": "9d8fdff268ddadc7eb62654104598e42cd82919b4e1b5c0485d67f32b2f4dda0",
+    "tied_keep_seed0": "a4f54727155ebeaafaea8b0333054062ef50d9e8e49c46017c00527b15d5a7f8",
+    "masked_seed0": "05b11c85cbcd5ae27c8e43cab3f3195b4b7007e1dd36936b979735f03072dff4",
+    "masked_keep_seed3": "c29066bf89936e76c37707387fea88e1d2e6b6ec72d30f9a7ce41e76eab3998e",
+}
+
+
+def golden_cases() -> dict[str, tuple]:
+    """Case name -> (pruned model, make_scratch_twin keyword arguments)."""
+    masked = pruned_llama()
+    masks = sparse_masks(masked)
+    return {
+        "plain_seed0": (pruned_llama(), {"seed": 0}),
+        "plain_seed7": (pruned_llama(), {"seed": 7}),
+        "bf16_seed0": (pruned_llama().to(torch.bfloat16), {"seed": 0}),
+        "tied_seed0": (pruned_llama(tie=True), {"seed": 0}),
+        "tied_keep_seed0": (pruned_llama(tie=True), {"seed": 0, "reinit_embeddings_and_norms": False}),
+        "masked_seed0": (masked, {"seed": 0, "masks": masks}),
+        "masked_keep_seed3": (masked, {"seed": 3, "masks": masks, "reinit_embeddings_and_norms": False}),
+    }
+
+
+def test_twin_weights_are_bit_identical_to_the_published_ones():
+    digests = {name: _digest(make_scratch_twin(model, **kw)) for name, (model, kw) in golden_cases().items()}
+    assert digests == GOLDEN_TWINS
