@@ -88,7 +88,7 @@ def render_card(
     parent_name, parent_id = parent_reference(recipe)
     repo_id = card_repo_id(recipe, kind)
     return ModelCard.from_template(
-        card_data(kind, recipe, report, metrics.get(kind, {}), license, repo_id),
+        card_data(kind, recipe, report, metrics.get(kind, {}), license),
         template_str=template_text(kind),
         kind=kind,
         model_name=repo_id.split("/")[-1],
@@ -154,12 +154,7 @@ def recorded_license(folder: Path) -> str | None:
 
 
 def card_data(
-    kind: str,
-    recipe: Recipe,
-    report: dict[str, Any],
-    scores: dict[str, Any],
-    license: str | None,
-    repo_id: str,
+    kind: str, recipe: Recipe, report: dict[str, Any], scores: dict[str, Any], license: str | None
 ) -> ModelCardData:
     """Front matter. Only kinds made from the parent's weights name it as base_model (the random-init
     twin has the parent's shape but not its weights); calibration data shaped those weights too."""
@@ -176,7 +171,7 @@ def card_data(
         pipeline_tag="text-generation",
         tags=["hfprune", method, f"{granularity}-pruning", *spec.tags],
         datasets=list(dict.fromkeys(s.path for s in sources if is_hub_dataset(s.path))) or None,
-        model_name=repo_id.split("/")[-1],
+        model_name=card_repo_id(recipe, kind).split("/")[-1],
         eval_results=eval_results(scores) or None,
     )
 

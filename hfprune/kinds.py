@@ -134,39 +134,21 @@ def comparison() -> tuple[ModelKind, ModelKind]:
     return made(Making.FROM_PRUNED)[0], made(Making.FROM_TWIN)[0]
 
 
+# The built-in kinds, in column order. A new kind is one more entry here plus its card template.
+# fmt: off
 PARENT = register(ModelKind("parent", Making.LOADED, "the model pruned"))
-PRUNED = register(
-    ModelKind(
-        "pruned",
-        Making.PRUNED,
-        "the one-shot result before training",
-        repo_suffix="-pruned",
-        card_template="pruned",
-        tags=("pruned",),
-        has_base_model=True,
-    )
-)
-register(
-    ModelKind(
-        "continued",
-        Making.FROM_PRUNED,
-        "the pruned model after training",
-        card_template="continued",
-        tags=("pruned", "continued-pretraining"),
-        has_base_model=True,
-        published_by_default=True,
-        default_run=True,
-    )
-)
-register(
-    ModelKind(
-        "scratch",
-        Making.FROM_TWIN,
-        "its random-init twin after the same training",
-        repo_suffix="-scratch",
-        card_template="scratch",
-        tags=("random-init",),
-        published_by_default=True,
-        default_run=True,
-    )
-)
+PRUNED = register(ModelKind(
+    "pruned", Making.PRUNED, "the one-shot result before training",
+    repo_suffix="-pruned", card_template="pruned", tags=("pruned",), has_base_model=True,
+))
+CONTINUED = register(ModelKind(
+    "continued", Making.FROM_PRUNED, "the pruned model after training",
+    card_template="continued", tags=("pruned", "continued-pretraining"), has_base_model=True,
+    published_by_default=True, default_run=True,
+))
+SCRATCH = register(ModelKind(
+    "scratch", Making.FROM_TWIN, "its random-init twin after the same training",
+    repo_suffix="-scratch", card_template="scratch", tags=("random-init",),
+    published_by_default=True, default_run=True,
+))
+# fmt: on

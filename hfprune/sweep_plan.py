@@ -1,7 +1,8 @@
 """`hfprune sweep --dry-run`: the grid from configs alone, per cell its shape, parameters, budget, status.
 
-Reads no weights: each cell's plan comes from `pipeline.describe_plan` with the sweep's `CellRun`, so its
-status (finished, partial, to run) is what `hfprune sweep` would find.
+Reads no weights: each cell's plan comes from `pipeline.describe_plan` with the pipeline `hfprune sweep`
+runs for the cell (its shared providers, every stage but the push), so its status (finished, partial,
+to run) is what `hfprune sweep` would find.
 """
 
 from __future__ import annotations
@@ -10,11 +11,12 @@ import json
 from collections.abc import Iterable
 from typing import Any
 
+from hfprune import kinds
 from hfprune.grid import Cell, Sweep
-from hfprune.pipeline import describe_plan
+from hfprune.pipeline import Pipeline, describe_plan
 from hfprune.pruners import get_pruner
 from hfprune.pruners.base import Granularity
-from hfprune.sweep import CellRun, SharedWork
+from hfprune.sweep import SharedWork
 
 
 NO_CONTINUATION = (
@@ -27,7 +29,12 @@ def describe_sweep(sweep: Sweep, only: Iterable[str] = ()) -> dict[str, Any]:
     """The grid from configs alone: per cell its shape, parameter counts, budget and status."""
     cells = sweep.select(only)
     shared = SharedWork(sweep)
-    plans = {cell.id: describe_plan(cell.recipe, runner=CellRun(cell, shared)) for cell in cells}
+    plans = {
+        cell.id: describe_plan(
+            cell.recipe, pipeline=Pipeline(cell.recipe, providers=shared.providers(cell), skip=("push",))
+        )
+        for cell in cells
+    }
     smallest = min((c.token_budget for c in cells if c.token_budget), default=None)
     twins: dict[str, list[str]] = {}
     for cell in cells:
@@ -65,9 +72,10 @@ def describe_sweep(sweep: Sweep, only: Iterable[str] = ()) -> dict[str, Any]:
 
 
 def _planned_twin_key(cell: Cell, plan: dict[str, Any]) -> str | None:
-    """Cells whose scratch twins will be the same model (dense methods with the same target shape)."""
+    """Cells whose random-init twins will be the same model (dense methods with the same target shape)."""
     recipe = cell.recipe
-    if recipe.train is None or "scratch" not in recipe.train.runs:
+    twins = [kind.name for kind in kinds.made(kinds.Making.FROM_TWIN)]
+    if recipe.train is None or not set(twins) & set(recipe.train.runs):
         return None
     if (
         not recipe.train.reinit_embeddings_and_norms

@@ -73,6 +73,24 @@ def test_a_registered_kind_is_a_valid_run_and_nothing_else_is(write_recipe, dist
         load_recipe(write_recipe(TRAIN), ["train.runs=[lora]"])
 
 
+def test_a_registered_kind_gets_its_stages_in_run_order(write_recipe, distilled):
+    recipe = load_recipe(write_recipe(TRAIN), ["train.runs=[distilled,scratch]", "push.enabled=true"])
+    stages = pipeline.Pipeline(recipe).stages()
+    assert stages == (
+        "parent_eval",
+        "prune",
+        "pruned_eval",
+        "train_distilled",
+        "distilled_eval",
+        "train_scratch",
+        "scratch_eval",
+        "card",
+        "push",
+    )
+    plan = pipeline.describe_plan(recipe)
+    assert plan["stages"]["train_distilled"] == "will run"
+
+
 def test_a_registered_kind_is_a_metrics_column_a_repo_and_a_card(write_recipe, distilled):
     metrics = {**METRICS, "distilled": {**scores(18.0), "tokens_trained": 256}}
     header = format_metrics_table(metrics).splitlines()[0].split()

@@ -12,7 +12,7 @@ import pytest
 import yaml
 from conftest import tiny_config
 
-from hfprune import pipeline
+from hfprune import pipeline, providers
 from hfprune.hub import ParentLoadError
 from hfprune.modeling import UnsupportedArchitectureError
 from hfprune.outputs import OutputError
@@ -79,7 +79,7 @@ def test_rerun_with_nothing_changed_skips_every_stage(finished, monkeypatch):
     def no_loading(*_args, **_kwargs):
         raise AssertionError("a rerun with unchanged inputs must not load the parent")
 
-    monkeypatch.setattr(pipeline, "load_parent", no_loading)
+    monkeypatch.setattr(providers, "load_parent", no_loading)
     assert ran(pipeline.run(recipe)) == []
 
 
@@ -143,7 +143,7 @@ def test_non_llama_parent_is_rejected_by_name(write_recipe, tmp_path):
 
 def test_dry_run_plan_reads_only_the_config(write_recipe, monkeypatch):
     recipe = load_recipe(write_recipe())
-    monkeypatch.setattr(pipeline, "load_parent", lambda *_: pytest.fail("dry run loaded weights"))
+    monkeypatch.setattr(providers, "load_parent", lambda *_: pytest.fail("dry run loaded weights"))
     plan = pipeline.describe_plan(recipe)
     assert plan["target_shape"] == {"num_hidden_layers": 4}
     assert plan["parent_shape"]["num_hidden_layers"] == tiny_config().num_hidden_layers

@@ -12,7 +12,7 @@ import torch
 from click.testing import CliRunner
 from conftest import VOCAB_SIZE, tiny_model, tiny_recipe_yaml
 
-from hfprune import sweep as sweep_module
+from hfprune import providers
 from hfprune.cli import main
 from hfprune.grid import SweepError, load_sweep
 from hfprune.pruners import get_pruner
@@ -182,8 +182,8 @@ def test_sweep_shares_work_skips_finished_cells_and_reports(write_sweep, monkeyp
     )
     grid = load_sweep(path)
     loads = []
-    real_load = sweep_module.load_parent
-    monkeypatch.setattr(sweep_module, "load_parent", lambda spec: loads.append(1) or real_load(spec))
+    real_load = providers.load_parent
+    monkeypatch.setattr(providers, "load_parent", lambda spec: loads.append(1) or real_load(spec))
     summary = run_sweep(grid)
     assert len(loads) == 1  # one parent for all four cells
     assert summary.ran == [c.id for c in grid.cells] and summary.up_to_date == []
@@ -221,7 +221,7 @@ def test_sweep_shares_work_skips_finished_cells_and_reports(write_sweep, monkeyp
     assert (card_folder / "curves.png").read_bytes() == (out / "curves.png").read_bytes()
 
     # A rerun finds every cell finished and loads no weights at all.
-    monkeypatch.setattr(sweep_module, "load_parent", lambda spec: pytest.fail("weights loaded on rerun"))
+    monkeypatch.setattr(providers, "load_parent", lambda spec: pytest.fail("weights loaded on rerun"))
     again = run_sweep(load_sweep(path))
     assert again.ran == [] and len(again.up_to_date) == 4
     plan = describe_sweep(load_sweep(path))
@@ -243,3 +243,24 @@ def test_only_runs_one_cell_of_a_prune_only_sweep(write_sweep):
         0.75,
         "grid-magnitude-r0.75",
     )
+
+
+def test_a_sweep_cell_prunes_and_scores_exactly_like_the_same_recipe_run_alone(write_sweep, tmp_path):
+    """One execution path: a cell (shared parent, calibration and scores) and a single run of its recipe
+    give the same pruned weights and the same metrics."""
+    from safetensors.torch import load_file
+
+    from hfprune import pipeline
+
+    path = write_sweep(
+        "method: [minitron_width]\nratio: [0.5, 0.75]\noptions: {minitron_width: {alignment: 8}}\n", ""
+    )
+    grid = load_sweep(path)
+    run_sweep(grid)
+    cell = grid.output_path / "minitron_width-r0.75"
+    alone = pipeline.run(load_recipe(cell / "recipe.yaml", [f"output_dir={tmp_path / 'alone'}"]))
+    shared, single = (load_file(d / "models/pruned/model.safetensors") for d in (cell, alone.output_dir))
+    assert shared.keys() == single.keys() and all(torch.equal(shared[k], single[k]) for k in shared)
+    cell_report = json.loads((cell / "models/pruned/prune_report.json").read_text())
+    assert cell_report["scores_shared_across_ratios"] is True
+    assert json.loads((cell / "metrics.json").read_text()) == alone.metrics

@@ -1,0 +1,86 @@
+"""The `train_<kind>` stages: one trained kind (`hfprune.kinds`) trained on the recipe's token budget.
+
+A kind made from the pruned weights starts from `models/pruned/` as saved; a kind made from a random-init
+twin starts from a freshly initialised model of the same shape (and masks), unless the twin provider
+has an identical finished twin to publish instead. Training itself is `hfprune.training`; this stage
+runs on every process under torchrun (the Trainer is collective) and only the main process writes.
+"""
+
+from __future__ import annotations
+
+import shutil
+from typing import TYPE_CHECKING, Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from hfprune import distributed, kinds
+from hfprune.eval import evaluation_windows
+from hfprune.outputs import distributed_staging_dir
+from hfprune.training import (
+    HeldOutCurveCallback,
+    learning_curve,
+    save_trained,
+    train_model,
+    training_work_dir,
+)
+from hfprune.twin import make_scratch_twin
+from hfprune.workspace import MASKS_FILE
+
+
+if TYPE_CHECKING:
+    from hfprune.stages.table import Context
+
+
+def run(ctx: Context, kind: str) -> None:
+    spec, ws = ctx.recipe.train, ctx.workspace
+    from_twin = kinds.get(kind).making is kinds.Making.FROM_TWIN
+    if from_twin and ctx.providers.twins.take(ctx, kind):
+        return
+    tokenizer = AutoTokenizer.from_pretrained(ws.pruned_dir)
+    # fp32 master weights whatever the checkpoint dtype; bf16 compute comes from train.args.
+    model = AutoModelForCausalLM.from_pretrained(ws.pruned_dir, dtype=torch.float32)
+    masks = None
+    if ws.masks_path.exists():
+        from hfprune.masks import load_masks
+
+        masks = load_masks(ws.masks_path)
+    if from_twin:
+        reinit = spec.reinit_embeddings_and_norms
+        model = make_scratch_twin(
+            model, seed=ctx.recipe.seed, masks=masks, reinit_embeddings_and_norms=reinit
+        )
+    work_dir = training_work_dir(ws.train_dir(kind), ctx.fingerprint(f"train_{kind}"))
+    trainer, outcome = train_model(
+        model,
+        tokenizer,
+        spec,
+        run=kind,
+        seed=ctx.recipe.seed,
+        work_dir=work_dir,
+        masks=masks,
+        callbacks=curve_callbacks(ctx, tokenizer),
+    )
+    with distributed_staging_dir(ws.model_dir(kind)) as staging:
+        save_trained(trainer, tokenizer, outcome, staging)
+        if masks is not None and distributed.is_main_process():
+            shutil.copyfile(ws.masks_path, staging / MASKS_FILE)
+    if distributed.is_main_process():
+        trained: dict[str, Any] = {"tokens_trained": outcome.tokens_trained, "training": outcome.to_dict()}
+        if ctx.recipe.eval.every_tokens:
+            trained["curve"] = learning_curve(trainer)
+        ws.metrics.update(kind, replace=True, **trained)  # earlier scores belong to an earlier model
+        # The trained model is published; its checkpoints (weights plus optimizer state, about four
+        # times the model) only served resuming this stage, and a sweep would pile them up.
+        shutil.rmtree(work_dir, ignore_errors=True)
+    ctx.models[kind] = trainer.accelerator.unwrap_model(trainer.model)
+
+
+def curve_callbacks(ctx: Context, tokenizer: Any) -> list[HeldOutCurveCallback]:
+    """Learning curves on the first perplexity set, when `eval.every_tokens` asks for them."""
+    every, sets = ctx.recipe.eval.every_tokens, ctx.recipe.eval.perplexity
+    if not every or not sets:
+        return []
+    spec = sets[0]
+    windows, bos = evaluation_windows(spec.dataset, tokenizer, spec.seq_len, spec.max_windows)
+    return [HeldOutCurveCallback(windows, bos, every, ctx.recipe.eval.batch_size)]
