@@ -26,6 +26,7 @@ from hfprune.errors import RunFailure
 from hfprune.hub import published_kinds, repo_id_for
 from hfprune.outputs import write_text
 from hfprune.recipe import Recipe
+from hfprune.workspace import Workspace
 
 
 HUB_URL = "https://huggingface.co"
@@ -112,7 +113,7 @@ def render_pruned_card(
     recipe: Recipe, report: dict[str, Any], metrics: dict[str, Any], license: str | None, command: str
 ) -> ModelCard:
     """The card of `models/pruned/`."""
-    return render_card("pruned", recipe, report, metrics, license, command)
+    return render_card(kinds.PRUNED.name, recipe, report, metrics, license, command)
 
 
 def write_cards(
@@ -126,15 +127,14 @@ def write_cards(
     """(Re-)render README.md in every model folder of a run that exists; returns the cards written.
 
     `figures` name PNGs already copied into each model folder (see `hfprune.sweep`)."""
-    report_path = out_dir / "models" / "pruned" / "prune_report.json"
+    ws = Workspace(out_dir)
+    report_path = ws.pruned_dir / "prune_report.json"
     if not report_path.is_file():
         raise CardError(f"{report_path} does not exist: run the recipe (at least `hfprune prune`) first")
     report = json.loads(report_path.read_text())
     written = []
-    for kind in (k.name for k in kinds.carded()):
-        folder = out_dir / "models" / kind
-        if not (folder / "config.json").is_file():
-            continue
+    for kind in ws.saved_kinds(carded=True):
+        folder = ws.model_dir(kind)
         training_file = folder / "training_report.json"
         training = json.loads(training_file.read_text()) if training_file.is_file() else None
         card = render_card(kind, recipe, report, metrics, license, command, training, figures)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hfprune import distributed
+from hfprune import distributed, kinds
 from hfprune.architectures.base import SHAPE_KEYS
 from hfprune.hub import PushResult, load_parent_config
 from hfprune.modeling import count_config_parameters
@@ -157,14 +157,14 @@ def describe_plan(
         "stages": pipeline.status(stop_after),
         "outputs": {
             "recipe": str(ws.recipe_path),
-            "pruned": str(ws.pruned_dir),
+            kinds.PRUNED.name: str(ws.pruned_dir),
             "metrics": str(ws.metrics.path),
         },
         "parent_shape": {k: getattr(config, k, None) for k in SHAPE_KEYS},
         "target_shape": shape.config_changes,
         "params": {
-            "parent": count_config_parameters(config).to_dict(),
-            "pruned": shape.params_after.to_dict(),
+            kinds.PARENT.name: count_config_parameters(config).to_dict(),
+            kinds.PRUNED.name: shape.params_after.to_dict(),
         },
         "ratio": {"requested": recipe.prune.ratio, "achieved": round(shape.ratio_achieved, 6)},
     }

@@ -23,6 +23,7 @@ import yaml
 
 from hfprune import kinds
 from hfprune.report_plots import plot_curves, plot_gap
+from hfprune.workspace import Workspace
 
 
 logger = logging.getLogger(__name__)
@@ -84,7 +85,7 @@ def _score(metrics: dict[str, Any], model: str, metric: str) -> float | None:
 def read_run(folder: Path) -> RunRow:
     recipe = yaml.safe_load((folder / "recipe.yaml").read_text())
     metrics = json.loads((folder / "metrics.json").read_text())
-    report_path = folder / "models" / "pruned" / "prune_report.json"
+    report_path = Workspace(folder).pruned_dir / "prune_report.json"
     report = json.loads(report_path.read_text()) if report_path.is_file() else {}
     sets = [p["name"] for p in recipe.get("eval", {}).get("perplexity", [])]
     metric = sets[0] if sets else "perplexity"

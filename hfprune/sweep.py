@@ -108,7 +108,9 @@ class SharedWork:
 
     def providers(self, cell: Cell) -> Providers:
         siblings = Siblings(self, cell)
-        return Providers(self.parent, self.scores, siblings, siblings, self.figures)
+        return Providers(
+            parent=self.parent, scores=self.scores, twins=siblings, donors=siblings, figures=self.figures
+        )
 
     def context(self, cell: Cell) -> Context:
         return Context.create(cell.recipe, self.providers(cell))
@@ -209,10 +211,9 @@ class ReportFigures:
 
     def place(self, workspace: Workspace) -> list[str]:
         figures = self.paths()
-        for kind in workspace.saved_kinds():
-            if kinds.get(kind).card_template is not None:
-                for figure in figures:
-                    shutil.copyfile(figure, workspace.model_dir(kind) / figure.name)
+        for kind in workspace.saved_kinds(carded=True):
+            for figure in figures:
+                shutil.copyfile(figure, workspace.model_dir(kind) / figure.name)
         return [figure.name for figure in figures]
 
 

@@ -94,7 +94,7 @@ def format_plan(plan: dict[str, Any]) -> str:
     ]
     for row in plan["cells"]:
         shape = ", ".join(f"{k}={v}" for k, v in row["target_shape"].items()) or "parent shape, masked"
-        pruned = row["params"]["pruned"]
+        pruned = row["params"][kinds.PRUNED.name]
         lines.append(
             f"| {row['cell']} | {row['status']} | {shape} | {pruned['non_embedding'] / 1e6:.2f}M | "
             f"{row['ratio_achieved']:.4f} | {row['token_budget'] or '-'} | {', '.join(row['scratch_shared_with']) or '-'} |"

@@ -117,9 +117,10 @@ class Workspace:
         """A kind's folder holds a saved model."""
         return kinds.get(kind).folder is not None and (self.model_dir(kind) / "config.json").is_file()
 
-    def saved_kinds(self) -> list[str]:
-        """The kinds with a saved model, in registry order."""
-        return [kind.name for kind in kinds.all_kinds() if self.has_model(kind.name)]
+    def saved_kinds(self, *, carded: bool = False) -> list[str]:
+        """The kinds with a saved model (with `carded`, only those that get a model card), in registry order."""
+        candidates = kinds.carded() if carded else kinds.all_kinds()
+        return [kind.name for kind in candidates if self.has_model(kind.name)]
 
     # -- writes --------------------------------------------------------------------------------
     def write_recipe(self, text: str) -> None:
