@@ -132,3 +132,18 @@ def test_a_registered_kind_is_a_report_column(tmp_path, distilled):
     text = (tmp_path / "report.md").read_text()
     assert "| pruned | continued | scratch | distilled | continued - scratch |" in text
     assert "| 55.00 | 22.00 | 33.00 | 18.00 | -11.00 |" in text
+
+
+def test_a_registered_trained_kind_runs_through_the_pipeline(write_recipe, distilled):
+    """Made like `continued` (trained from the pruned weights), with nothing but the registry entry."""
+    extra = "train:\n  token_budget: 256\n  seq_len: 32\n  runs: [distilled]\n  args: {per_device_train_batch_size: 4}\n"
+    recipe = load_recipe(write_recipe(extra))
+    summary = pipeline.run(recipe)
+    assert [o.stage for o in summary.outcomes if o.ran][3:] == ["train_distilled", "distilled_eval", "card"]
+    entry = summary.metrics["distilled"]
+    assert entry["tokens_trained"] >= 256 and "pydoc" in entry["perplexity"]
+    folder = recipe.output_path / "models" / "distilled"
+    assert (folder / "model.safetensors").is_file() and (folder / "training_report.json").is_file()
+    card = ModelCard.load(folder / "README.md")
+    assert "distilled" in card.data.tags and "**distilled** (this model)" in card.text
+    assert not any(o.ran for o in pipeline.run(recipe).outcomes)  # a rerun finds it all current
