@@ -9,12 +9,18 @@ exactly the same zero pattern. Keys are parameter names as in `model.named_param
 File format: a safetensors file holding, per parameter, the mask flattened in row-major order and
 bit-packed into uint8 (most significant bit first, the same as `numpy.packbits`), plus metadata
 `format`, `version` and `shapes` (JSON: name -> shape). One bit per weight: 1/8 of a bool tensor.
+
+Training at scale keeps them that way: `load_packed_masks` returns `PackedMask`s (still one bit per
+weight in host memory), optionally only the names asked for and only the rows of one FSDP shard, read
+from the file without the rest. `SparsityMaskCallback` and the twin accept them wherever they accept a
+bool mask and unpack one parameter at a time, straight to the int8 keep bits the callback applies.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -24,27 +30,36 @@ from safetensors.torch import save_file
 from torch import nn
 
 from hfprune.architectures import architecture_of
+from hfprune.packed_masks import (
+    KeepMask,
+    PackedMask,
+    int8_keep_bits,
+    numel,
+    pack_bits,
+    row_count,
+    shard_rows,
+    unpack_bits,
+)
 
+
+__all__ = [
+    "KeepMask",
+    "PackedMask",
+    "int8_keep_bits",
+    "load_masks",
+    "load_packed_masks",
+    "mask_pattern",
+    "masks_from_zeros",
+    "pack_bits",
+    "save_masks",
+    "shard_rows",
+    "sparsity_report",
+    "unpack_bits",
+]
 
 FORMAT = "hfprune.sparsity_masks"
 VERSION = "1"
-# Bit weights for packing 8 keep-flags into one byte, first flag in the most significant bit.
-_SHIFTS = torch.arange(7, -1, -1, dtype=torch.uint8)
 _NM_PATTERNS = ((2, 4), (4, 8))
-
-
-def pack_bits(mask: torch.Tensor) -> torch.Tensor:
-    """A bool tensor flattened row-major into uint8 bytes, 8 flags per byte, zero-padded at the end."""
-    flat = mask.detach().reshape(-1).to(device="cpu", dtype=torch.uint8)
-    flat = torch.nn.functional.pad(flat, (0, -flat.numel() % 8))
-    return (flat.view(-1, 8) << _SHIFTS).sum(dim=1, dtype=torch.uint8)
-
-
-def unpack_bits(packed: torch.Tensor, shape: Iterable[int]) -> torch.Tensor:
-    """The inverse of `pack_bits`: a bool tensor of `shape`."""
-    shape = tuple(int(size) for size in shape)
-    bits = (packed.reshape(-1, 1) >> _SHIFTS) & 1
-    return bits.reshape(-1)[: _numel(shape)].bool().reshape(shape)
 
 
 def save_masks(masks: Mapping[str, torch.Tensor], path: str | Path) -> Path:
@@ -61,8 +76,54 @@ def save_masks(masks: Mapping[str, torch.Tensor], path: str | Path) -> Path:
     return path
 
 
-def load_masks(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a file written by `save_masks`: parameter name -> bool tensor (True = keep), on the CPU."""
+def load_masks(path: str | Path, names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+    """Read a file written by `save_masks`: parameter name -> bool tensor (True = keep), on the CPU.
+
+    `names` restricts the result to those parameters (every one must be in the file); None reads all.
+    """
+    return {name: mask.unpack() for name, mask in load_packed_masks(path, names).items()}
+
+
+def load_packed_masks(
+    path: str | Path, names: Iterable[str] | None = None, *, shard: tuple[int, int] | None = None
+) -> dict[str, PackedMask]:
+    """Read a file written by `save_masks` without unpacking it: parameter name -> `PackedMask`.
+
+    Args:
+        path: The mask file.
+        names: Only these parameters (every one must be in the file); None reads all.
+        shard: `(index, count)`: only the rows of dim 0 that FSDP2 process `index` of `count` holds
+            (`shard_rows`), read from the file without the others. None reads every row.
+    """
+    with _open_mask_file(path) as (handle, shapes):
+        wanted = list(shapes) if names is None else list(names)
+        unknown = [name for name in wanted if name not in shapes]
+        if unknown:
+            raise KeyError(f"{path}: no mask for {', '.join(map(repr, unknown))}")
+        return {name: _read_rows(handle, path, name, shapes[name], shard) for name in wanted}
+
+
+def _read_rows(
+    handle: Any, path: str | Path, name: str, shape: list[int], shard: tuple[int, int] | None
+) -> PackedMask:
+    """One mask's rows (all, or a shard's), reading only the bytes that hold them."""
+    shape_t = tuple(int(size) for size in shape)
+    rows = (0, row_count(shape_t)) if shard is None else shard_rows(row_count(shape_t), *shard)
+    per_row = numel(shape_t[1:])
+    first, stop = rows[0] * per_row, rows[1] * per_row
+    packed = handle.get_slice(name)
+    held = packed.get_shape()
+    if held != [-(-numel(shape_t) // 8)]:
+        raise ValueError(
+            f"{path}: {name} holds {held} bytes, not the {-(-numel(shape_t) // 8)} of shape {shape}"
+        )
+    bits = packed[first // 8 : -(-stop // 8)]
+    return PackedMask(bits, shape_t, rows, first % 8)
+
+
+@contextmanager
+def _open_mask_file(path: str | Path) -> Iterator[tuple[Any, dict[str, list[int]]]]:
+    """The open file and its shapes, after checking that it is a mask file of this version."""
     with safe_open(str(path), framework="pt") as handle:
         metadata = handle.metadata() or {}
         if metadata.get("format") != FORMAT:
@@ -71,15 +132,7 @@ def load_masks(path: str | Path) -> dict[str, torch.Tensor]:
             )
         if metadata.get("version") != VERSION:
             raise ValueError(f"{path}: mask file version {metadata.get('version')!r}, expected {VERSION!r}")
-        shapes = json.loads(metadata["shapes"])
-        masks = {}
-        for name in handle.keys():  # noqa: SIM118  (safe_open is not a mapping)
-            packed = handle.get_tensor(name)
-            shape = shapes[name]
-            if packed.numel() != -(-_numel(shape) // 8):
-                raise ValueError(f"{path}: {name} holds {packed.numel()} bytes, not enough for shape {shape}")
-            masks[name] = unpack_bits(packed, shape)
-    return masks
+        yield handle, json.loads(metadata["shapes"])
 
 
 def masks_from_zeros(model: nn.Module, names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
@@ -137,10 +190,3 @@ def sparsity_report(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> dict
         "masked_nonzero": masked_nonzero,
         "modules": modules,
     }
-
-
-def _numel(shape: Iterable[int]) -> int:
-    count = 1
-    for size in shape:
-        count *= int(size)
-    return count

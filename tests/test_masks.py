@@ -1,5 +1,6 @@
 """hfprune.masks: the bit-packed mask file round-trips exactly, stays compact, reads with numpy, rejects
-foreign files; masks from zeros and the sparsity report say what the weights hold."""
+foreign files; masks from zeros and the sparsity report say what the weights hold; packed masks load by
+name and by FSDP2 shard without unpacking."""
 
 from __future__ import annotations
 
@@ -10,11 +11,15 @@ from conftest import tiny_model
 from safetensors.torch import save_file
 
 from hfprune.masks import (
+    PackedMask,
+    int8_keep_bits,
     load_masks,
+    load_packed_masks,
     mask_pattern,
     masks_from_zeros,
     pack_bits,
     save_masks,
+    shard_rows,
     sparsity_report,
     unpack_bits,
 )
@@ -102,3 +107,50 @@ def test_sparsity_report_per_module_and_escaped_weights():
             if name in masks:
                 param.masked_fill_(~masks[name], 0)
     assert sparsity_report(model, masks)["masked_nonzero"] == 0
+
+
+def test_packed_masks_load_by_name_and_unpack_exactly(tmp_path):
+    masks = random_masks()
+    path = save_masks(masks, tmp_path / "m.safetensors")
+    packed = load_packed_masks(path)
+    assert packed.keys() == masks.keys()
+    for name, mask in masks.items():
+        assert isinstance(packed[name], PackedMask) and packed[name].whole
+        assert packed[name].nbytes == -(-mask.numel() // 8)  # still one bit per weight in memory
+        assert torch.equal(packed[name].unpack(), mask), name
+        assert torch.equal(PackedMask.of(mask).unpack(), mask), name
+    some = load_packed_masks(path, ["odd.weight", "cube"])
+    assert list(some) == ["odd.weight", "cube"]
+    assert list(load_masks(path, ["vector"])) == ["vector"]
+    with pytest.raises(KeyError, match="no mask for 'nope'"):
+        load_packed_masks(path, ["vector", "nope"])
+
+
+@pytest.mark.parametrize("world", [2, 3, 4, 8])
+def test_a_shard_holds_exactly_the_rows_fsdp2_gives_that_process(tmp_path, world):
+    masks = random_masks()
+    path = save_masks(masks, tmp_path / "m.safetensors")
+    for name, mask in masks.items():
+        chunks = torch.chunk(mask, world)  # FSDP2 splits dim 0 like torch.chunk; later shards may be empty
+        for rank in range(world):
+            part = load_packed_masks(path, [name], shard=(rank, world))[name]
+            expected = chunks[rank] if rank < len(chunks) else mask[:0]
+            start, stop = part.rows
+            assert (start, stop) == shard_rows(mask.shape[0], rank, world)
+            assert torch.equal(part.flags(part.rows).bool(), expected), (name, rank)
+            assert part.nbytes <= expected.numel() // 8 + 2  # only the bytes holding those rows were read
+            bits = int8_keep_bits(part, part.rows, "cpu")
+            assert bits.dtype == torch.int8 and torch.equal(bits, expected.to(torch.int8).neg())
+            if stop > start and not part.whole:
+                with pytest.raises(ValueError, match="holds rows"):
+                    part.unpack()
+
+
+def test_int8_keep_bits_of_a_bool_mask_and_of_its_packed_form_agree():
+    mask = random_masks()["a.weight"]
+    for rows in (None, (0, 64), (10, 37), (63, 64)):
+        assert torch.equal(
+            int8_keep_bits(mask, rows, "cpu"), int8_keep_bits(PackedMask.of(mask), rows, "cpu")
+        )
+    with pytest.raises(TypeError, match="bool tensor"):
+        PackedMask.of(mask.to(torch.int8))

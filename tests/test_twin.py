@@ -1,12 +1,15 @@
-"""make_scratch_twin: same architecture and size, fresh and reproducible weights, masks and ties kept."""
+"""make_scratch_twin: same architecture and size, fresh and reproducible weights, masks and ties kept;
+built from the pruned model's folder without loading its weights, with the same numbers."""
 
 import hashlib
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
-from hfprune.twin import make_scratch_twin
+import hfprune.twin
+from hfprune.masks import PackedMask, load_packed_masks, save_masks
+from hfprune.twin import make_scratch_twin, scratch_twin_from_folder
 
 
 def pruned_llama(tie: bool = False) -> LlamaForCausalLM:
@@ -161,3 +164,89 @@ def golden_cases() -> dict[str, tuple]:
 def test_twin_weights_are_bit_identical_to_the_published_ones():
     digests = {name: _digest(make_scratch_twin(model, **kw)) for name, (model, kw) in golden_cases().items()}
     assert digests == GOLDEN_TWINS
+
+
+def saved(model: LlamaForCausalLM, folder, **kwargs):
+    model.save_pretrained(folder, **kwargs)
+    return folder
+
+
+@pytest.fixture
+def no_full_load(monkeypatch):
+    """Building the twin from a folder must not load the pruned model's weights."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the pruned model was loaded")
+
+    monkeypatch.setattr(PreTrainedModel, "from_pretrained", classmethod(refuse))
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", classmethod(refuse))
+
+
+def test_twin_from_a_folder_has_the_published_weights_without_loading_the_pruned_model(
+    tmp_path, no_full_load, monkeypatch
+):
+    cases = golden_cases()
+    read, original = [], hfprune.twin._checkpoint_tensors
+
+    def spy(*args):
+        tensors = original(*args)
+        read.append(sorted(tensors))
+        return tensors
+
+    monkeypatch.setattr(hfprune.twin, "_checkpoint_tensors", spy)
+    for name in ("plain_seed0", "plain_seed7", "tied_keep_seed0", "masked_keep_seed3"):
+        model, kw = cases[name]
+        if "masks" in kw:  # kept bit-packed until each parameter is zeroed
+            kw = {**kw, "masks": {n: PackedMask.of(keep) for n, keep in kw["masks"].items()}}
+        twin = scratch_twin_from_folder(saved(model, tmp_path / name), **kw)
+        assert _digest(twin) == GOLDEN_TWINS[name], name
+        assert not twin.training and twin.dtype == torch.float32
+    bf16 = scratch_twin_from_folder(tmp_path / "plain_seed0", seed=0, dtype=torch.bfloat16)
+    assert _digest(bf16) == GOLDEN_TWINS["bf16_seed0"]
+    # Only the embeddings and norms were read from the pruned checkpoint, and only when kept.
+    assert len(read) == 2
+    for names in read:
+        assert names and all("embed_tokens" in n or "norm" in n for n in names)
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_twin_from_a_folder_equals_the_twin_of_the_loaded_model(tmp_path, tie):
+    """bf16 on disk, sharded into several files: the same twin, config included, as from the loaded model."""
+    pruned = pruned_llama(tie=tie)
+    masks = sparse_masks(pruned)
+    folder = saved(pruned.to(torch.bfloat16), tmp_path / "pruned", max_shard_size="40KB")
+    assert (folder / "model.safetensors.index.json").is_file()
+    loaded = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    for kw in ({"seed": 5}, {"seed": 5, "masks": masks, "reinit_embeddings_and_norms": False}):
+        expected = make_scratch_twin(loaded, **kw)
+        twin = scratch_twin_from_folder(folder, **kw)
+        assert same_weights(twin, expected)
+        assert twin.config.to_dict() == expected.config.to_dict()
+        assert (twin.lm_head.weight is twin.model.embed_tokens.weight) is tie
+
+
+def test_empty_twin_has_meta_parameters_real_buffers_and_ties(tmp_path):
+    folder = saved(pruned_llama(tie=True), tmp_path / "pruned")
+    real = scratch_twin_from_folder(folder, seed=0)
+    torch.manual_seed(9)
+    expected = torch.rand(2)
+    torch.manual_seed(9)
+    empty = scratch_twin_from_folder(folder, seed=0, empty=True)
+    assert torch.equal(torch.rand(2), expected)  # no initialisation ran
+    assert all(p.is_meta for p in empty.parameters())
+    assert [(n, p.shape, p.dtype) for n, p in empty.named_parameters()] == [
+        (n, p.shape, p.dtype) for n, p in real.named_parameters()
+    ]
+    buffers = dict(real.named_buffers())
+    for name, buffer in empty.named_buffers():
+        assert not buffer.is_meta and torch.equal(buffer, buffers[name]), name
+    assert empty.lm_head.weight is empty.model.embed_tokens.weight
+
+
+def test_twin_rejects_a_shard_of_a_mask(tmp_path):
+    pruned = pruned_llama()
+    masks = sparse_masks(pruned)
+    save_masks(masks, tmp_path / "masks.safetensors")
+    shard = load_packed_masks(tmp_path / "masks.safetensors", shard=(1, 2))
+    with pytest.raises(ValueError, match="holds rows"):
+        make_scratch_twin(pruned, seed=0, masks=shard)

@@ -25,7 +25,7 @@ from collections.abc import Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor import DTensor
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from hfprune.callbacks.param_names import (
@@ -35,6 +35,7 @@ from hfprune.callbacks.param_names import (
     canonical_name,
     resolve_names,
 )
+from hfprune.packed_masks import KeepMask, PackedMask, local_keep_bits
 
 
 logger = logging.getLogger(__name__)
@@ -102,10 +103,15 @@ class SparsityMaskCallback(TrainerCallback):
     `merge_and_unload()` writes the dense adapter update into pruned weights. Keep the sparsity with
     `hfprune.recovery.lora.merge_lora(model, masks)` (the callback logs a warning saying so).
 
+    Masks may stay bit-packed (`hfprune.masks.PackedMask`, from `load_packed_masks`): one bit per weight
+    in host memory, unpacked one parameter at a time. Under FSDP2 a packed mask may hold only the rows
+    of this process's shard (`load_packed_masks(..., shard=(rank, world))`); a process whose shard
+    is not among the rows it was given raises `ValueError` when training starts.
+
     Args:
         masks: Parameter name as in `model.named_parameters()` of the unwrapped plain model (e.g.
             `"model.layers.0.mlp.up_proj.weight"`) -> bool tensor of the parameter's full shape,
-            True = keep.
+            True = keep, or a `PackedMask` of that shape.
 
     Example:
         >>> from transformers import Trainer
@@ -117,15 +123,18 @@ class SparsityMaskCallback(TrainerCallback):
         >>> trainer.train()  # doctest: +SKIP
     """
 
-    def __init__(self, masks: Mapping[str, torch.Tensor]) -> None:
+    def __init__(self, masks: Mapping[str, KeepMask]) -> None:
         if not masks:
             raise ValueError("SparsityMaskCallback needs at least one mask")
         for name, mask in masks.items():
-            if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+            if not isinstance(mask, PackedMask) and (
+                not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool
+            ):
                 raise TypeError(
-                    f"mask for {name!r} must be a bool tensor (True = keep), got {_describe(mask)}"
+                    f"mask for {name!r} must be a bool tensor (True = keep) or a PackedMask, "
+                    f"got {_describe(mask)}"
                 )
-        self.masks: dict[str, torch.Tensor] = dict(masks)
+        self.masks: dict[str, KeepMask] = dict(masks)
         # mask name -> this rank's keep mask as int8 bits (-1 keep, 0 drop) on the parameter's device
         self._keep_bits: dict[str, torch.Tensor] = {}
         self._names: dict[int, dict[str, str]] = {}  # id(model) -> mask name -> parameter name
@@ -245,12 +254,7 @@ class SparsityMaskCallback(TrainerCallback):
                 f"mask for {name} has shape {tuple(mask.shape)} but the parameter has {tuple(param.shape)} "
                 "(FSDP1 flattened parameters are not supported; use FSDP2)"
             )
-        keep_bits = mask.to(local.device, torch.int8).neg_()
-        if isinstance(param, DTensor):
-            # Every rank holds the full mask, so the shard is cut locally, without a collective.
-            keep_bits = distribute_tensor(
-                keep_bits, param.device_mesh, param.placements, src_data_rank=None
-            ).to_local()
+        keep_bits = local_keep_bits(mask, param, local.device)
         self._keep_bits[name] = keep_bits
         return keep_bits
 
