@@ -1,16 +1,20 @@
 """The only module that orders stages: recipe -> parent -> calibration -> pruned model -> train -> eval
 -> cards -> push.
 
-`Pipeline` executes a recipe's stage table (`hfprune.stages`) over its workspace (`hfprune.workspace`):
-each stage runs unless the ledger says its inputs are unchanged since it last finished and its outputs
-exist (or `force`), and the parent is loaded lazily, so a rerun with nothing changed never touches the
-weights. A sweep cell is the same `Pipeline`, handed the sweep's shared `Providers` and a selection of
+`stage_table` lists a recipe's stages (the functions of `hfprune.stages`, each with its declared inputs
+and outputs) in order, from the kind registry: the parent is evaluated, the pruned model is made by
+`prune`, each kind in `train.runs` by `train_<kind>`, and every kind has an `<kind>_eval` stage after the
+one that made it; then the cards and the push. `Pipeline` executes that table over the run's workspace
+(`hfprune.workspace`): each stage runs unless the ledger says its inputs are unchanged since it last
+finished and its outputs exist (or `force`), and the parent is loaded lazily, so a rerun with nothing
+changed never touches the weights. A sweep cell is the same `Pipeline`, handed the sweep's shared `Providers` and a selection of
 stages. Outputs follow the output-folder layout of the README: `recipe.yaml`, `models/<kind>/`,
 `metrics.json`.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Collection
 from dataclasses import dataclass, field
@@ -20,10 +24,24 @@ from typing import Any
 from hfprune import distributed, kinds
 from hfprune.architectures.base import SHAPE_KEYS
 from hfprune.hub import PushResult, load_parent_config
+from hfprune.kinds import Making, ModelKind
 from hfprune.modeling import count_config_parameters
 from hfprune.providers import Providers
 from hfprune.recipe import Recipe
-from hfprune.stages import Context, make_pruner
+from hfprune.stages import evaluate, prune, train
+from hfprune.stages.base import (
+    Context,
+    Stage,
+    after,
+    make_pruner,
+    metrics_file,
+    pruned_model,
+    sections,
+    shown_figures,
+    shown_scores,
+    tag,
+    trained_model,
+)
 from hfprune.stages.publish import card, push
 from hfprune.workspace import Workspace
 
@@ -32,16 +50,69 @@ __all__ = [
     "Pipeline",
     "RunSummary",
     "StageOutcome",
+    "context_for",
     "describe_plan",
     "make_pruner",
     "publish",
     "render_cards",
     "run",
+    "stage_table",
 ]
 
 logger = logging.getLogger(__name__)
 
 STOP_AFTER = {"prune": ("prune", "card")}
+
+
+def making_stage(kind: ModelKind) -> str | None:
+    """The stage that makes a kind's model (None for the parent, which is loaded)."""
+    if kind.making is Making.LOADED:
+        return None
+    return "prune" if kind.making is Making.PRUNED else f"train_{kind.name}"
+
+
+def _model_stages(kind: ModelKind) -> list[Stage]:
+    """The stage that makes `kind` (if any), then its evaluation."""
+    made_by = making_stage(kind)
+    eval_inputs = (after(made_by), sections("eval")) if made_by else (sections("parent", "eval"),)
+    evaluation = Stage(
+        f"{kind.name}_eval", functools.partial(evaluate.run, kind=kind.name), eval_inputs, metrics_file
+    )
+    if kind.making is Making.LOADED:
+        return [evaluation]
+    if kind.making is Making.PRUNED:
+        making = Stage(
+            "prune", prune.run, (sections("parent", "prune", "calibration", "seed"),), pruned_model
+        )
+    else:
+        action = functools.partial(train.run, kind=kind.name)
+        outputs = functools.partial(trained_model, kind.name)
+        making = Stage(made_by, action, (after("prune"), sections("train")), outputs, all_ranks=True)
+    return [making, evaluation]
+
+
+def stage_table(recipe: Recipe) -> dict[str, Stage]:
+    """Every stage of `recipe`, in the order they run: kinds that are not trained in registry order,
+    the trained ones in `train.runs` order, then the cards and (when enabled) the push."""
+    untrained = [kind for kind in kinds.all_kinds() if not kind.trained]
+    trained = [kinds.get(name) for name in (recipe.train.runs if recipe.train else [])]
+    stages = [stage for kind in untrained + trained for stage in _model_stages(kind)]
+    card_inputs = (
+        after("prune"),
+        sections("name", "eval", "output_dir", "train", "push"),
+        shown_scores,
+        shown_figures,
+    )
+    stages.append(Stage("card", card, card_inputs, pruned_model))
+    if recipe.push.enabled:
+        # What is published is the cards' folders: the push is stale exactly when they are.
+        stages.append(Stage("push", push, (tag("push"), after("card")), metrics_file))
+    return {stage.name: stage for stage in stages}
+
+
+def context_for(recipe: Recipe, providers: Providers | None = None, command: str | None = None) -> Context:
+    """What `recipe`'s stages work with, its stage table included."""
+    return Context.create(recipe, stage_table(recipe), providers, command)
 
 
 @dataclass
@@ -74,7 +145,7 @@ class Pipeline:
         only: Collection[str] | None = None,
         skip: Collection[str] = (),
     ):
-        self.context = Context.create(recipe, providers, command)
+        self.context = context_for(recipe, providers, command)
         self.force = force
         self.only, self.skip = only, skip
 
@@ -132,14 +203,14 @@ def run(recipe: Recipe, *, force: bool = False, stop_after: str | None = None) -
 
 def publish(recipe: Recipe) -> dict[str, PushResult]:
     """Publish the models of an existing output folder (`hfprune push`): the push stage on its own."""
-    context = Context.create(recipe)
+    context = context_for(recipe)
     with context.workspace.session():
         return push(context)
 
 
 def render_cards(recipe: Recipe) -> list[Path]:
     """Re-render the cards of an existing output folder (`hfprune card`) from its metrics.json."""
-    context = Context.create(recipe)
+    context = context_for(recipe)
     with context.workspace.session():
         return card(context)
 

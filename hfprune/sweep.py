@@ -43,12 +43,12 @@ from hfprune import distributed, kinds
 from hfprune.grid import Cell, Sweep, SweepError, load_sweep
 from hfprune.hub import Parent
 from hfprune.outputs import atomic_dir, read_json
-from hfprune.pipeline import Pipeline
+from hfprune.pipeline import Pipeline, context_for, making_stage
 from hfprune.providers import FreshScores, LoadedParent, Providers, Scores, files_hash, link_tree, scores_for
 from hfprune.pruners import Pruner
 from hfprune.recipe import Recipe
 from hfprune.report import write_report
-from hfprune.stages import Context, making_stage
+from hfprune.stages import Context
 from hfprune.workspace import Workspace
 
 
@@ -113,7 +113,7 @@ class SharedWork:
         )
 
     def context(self, cell: Cell) -> Context:
-        return Context.create(cell.recipe, self.providers(cell))
+        return context_for(cell.recipe, self.providers(cell))
 
     def finished(
         self, cell: Cell, stage: str, accept: Callable[[Context], bool]

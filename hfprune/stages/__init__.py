@@ -1,18 +1,19 @@
-"""The stages of a run, as a table of functions over a workspace.
+"""The stages of a run: functions over a workspace, one module per kind of work.
 
-`table.stage_table(recipe)` lists them in order, each with its declared inputs (what its fingerprint is
-made of) and outputs; `hfprune.pipeline` is the one module that executes the table. Each stage is a
-function of a `Context` (recipe, `Workspace`, pruner, `Providers`), in its own module:
+Each stage is a function of a `Context` (`base.py`: the recipe, its `Workspace`, its pruner, its
+`Providers`), and `base.Stage` gives it its declared inputs (what its fingerprint is made of) and
+outputs. `hfprune.pipeline.stage_table` lists a recipe's stages in order and is the one place that runs
+them:
 
 - `evaluate`: `<kind>_eval`, the scores of one model kind into metrics.json;
 - `prune`: `prune`, the pruned model and its report;
 - `train`: `train_<kind>`, one trained kind on the token budget;
 - `publish`: `card` and `push`.
 
-A new stage is a function in one of these modules (or a new one) and a row in `table.stage_table`.
+A new stage is a function here (in one of these modules or a new one) and a row in `stage_table`.
 """
 
-from hfprune.stages.table import Context, Stage, make_pruner, making_stage, stage_table
+from hfprune.stages.base import Context, Stage, make_pruner
 
 
-__all__ = ["Context", "Stage", "make_pruner", "making_stage", "stage_table"]
+__all__ = ["Context", "Stage", "make_pruner"]

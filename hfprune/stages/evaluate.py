@@ -19,7 +19,7 @@ from hfprune.modeling import count_parameters
 
 
 if TYPE_CHECKING:
-    from hfprune.stages.table import Context
+    from hfprune.stages.base import Context
 
 
 logger = logging.getLogger(__name__)

@@ -24,7 +24,7 @@ from hfprune.workspace import MASKS_FILE
 
 
 if TYPE_CHECKING:
-    from hfprune.stages.table import Context
+    from hfprune.stages.base import Context
 
 
 def run(ctx: Context) -> None:

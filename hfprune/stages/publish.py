@@ -18,7 +18,7 @@ from hfprune.hub import PushError, PushResult, parent_license, published_kinds, 
 
 
 if TYPE_CHECKING:
-    from hfprune.stages.table import Context
+    from hfprune.stages.base import Context
 
 
 logger = logging.getLogger(__name__)
