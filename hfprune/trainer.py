@@ -27,6 +27,7 @@ from torch import nn
 from transformers import Trainer
 
 from hfprune.callbacks import SparsityMaskCallback, TokenBudgetCallback
+from hfprune.packed_masks import KeepMask
 
 
 logger = logging.getLogger(__name__)
@@ -57,7 +58,8 @@ class PruneTrainer(Trainer):
     Args:
         *args: Passed to `transformers.Trainer`.
         token_budget: If set, adds a `TokenBudgetCallback(token_budget)`.
-        masks: If set, adds a `SparsityMaskCallback(masks)` (parameter name -> bool keep-mask).
+        masks: If set, adds a `SparsityMaskCallback(masks)` (parameter name -> bool keep-mask, or a
+            `hfprune.masks.PackedMask` left bit-packed, possibly only this process's FSDP2 shard).
         train_loss: If set, replaces the model's loss on training micro-batches (see `TrainLoss`);
             evaluation keeps the model's own loss, so eval losses stay comparable across kinds.
         **kwargs: Passed to `transformers.Trainer`.
@@ -72,7 +74,7 @@ class PruneTrainer(Trainer):
         self,
         *args: Any,
         token_budget: int | None = None,
-        masks: Mapping[str, torch.Tensor] | None = None,
+        masks: Mapping[str, KeepMask] | None = None,
         train_loss: TrainLoss | None = None,
         **kwargs: Any,
     ) -> None:

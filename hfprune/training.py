@@ -6,6 +6,11 @@ then the budget schedule), checks the setup before any step, and trains with `Pr
 from the last complete checkpoint in its work folder. A checkpoint counts as complete only once the
 Trainer has finished writing it (see `hfprune.checkpoints`), so a save cut short is never used; resuming a
 checkpoint that already spent the budget ends at once, and a full disk at a checkpoint is one line.
+
+Before and after `train_model`, the stage uses the host-side helpers of `hfprune.sharding`, re-exported
+here: `load_for_training` / `twin_for_training` (weights read once per job under FSDP with
+`cpu_ram_efficient_loading`), `masks_for_training` (bit-packed, this process's shard) and
+`trained_model_for_eval` (a model one process can evaluate after FSDP training).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -34,8 +40,34 @@ from hfprune.data import iter_texts
 from hfprune.errors import RunFailure
 from hfprune.eval import perplexity
 from hfprune.failures import writes_to
+from hfprune.packed_masks import KeepMask
 from hfprune.packing import PackedTokenStream
+from hfprune.sharding import (
+    load_for_training,
+    masks_for_training,
+    trained_model_for_eval,
+    twin_for_training,
+)
 from hfprune.trainer import PruneTrainer
+
+
+__all__ = [
+    "CURVE_KEY",
+    "DataExhaustedGuard",
+    "HeldOutCurveCallback",
+    "TrainOutcome",
+    "TrainingSetupError",
+    "check_dataset_covers_budget",
+    "learning_curve",
+    "load_for_training",
+    "masks_for_training",
+    "save_trained",
+    "train_model",
+    "trained_model_for_eval",
+    "training_arguments",
+    "training_work_dir",
+    "twin_for_training",
+]
 
 
 logger = logging.getLogger(__name__)
@@ -189,7 +221,7 @@ def train_model(
     run: str,
     seed: int,
     work_dir: Path,
-    masks: dict[str, torch.Tensor] | None = None,
+    masks: Mapping[str, KeepMask] | None = None,
     callbacks: list[TrainerCallback] | None = None,
 ) -> tuple[PruneTrainer, TrainOutcome]:
     """Train `model` on `spec.token_budget` tokens, resuming from `work_dir` when a checkpoint is there."""

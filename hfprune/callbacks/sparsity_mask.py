@@ -254,7 +254,10 @@ class SparsityMaskCallback(TrainerCallback):
                 f"mask for {name} has shape {tuple(mask.shape)} but the parameter has {tuple(param.shape)} "
                 "(FSDP1 flattened parameters are not supported; use FSDP2)"
             )
-        keep_bits = local_keep_bits(mask, param, local.device)
+        try:
+            keep_bits = local_keep_bits(mask, param, local.device)
+        except ValueError as error:  # a shard's rows, but not this process's
+            raise ValueError(f"mask for {name}: {error}") from None
         self._keep_bits[name] = keep_bits
         return keep_bits
 
