@@ -1,10 +1,9 @@
 """The GitHub Actions workflows (`.github/workflows/recipe.yml`, `sweep.yml`), read as a runner reads them.
 
 Their YAML is parsed and their shell steps run here with the environment a runner would give them
-(GITHUB_ENV, GITHUB_PATH and GITHUB_OUTPUT applied between steps), on the tiny parent: where the token
-is visible, where outputs live, how torchrun is launched, and a sweep carried through its jobs (the
-parent evaluated once, its scores reused by every cell, a shared twin trained once, one report).
-`tests/test_push.py` lints the same files with actionlint.
+(GITHUB_ENV, GITHUB_PATH, GITHUB_OUTPUT applied between steps): where the token is visible, where outputs
+live, how torchrun is launched, and a sweep on the tiny parent carried through its jobs (the parent
+evaluated once, a shared twin trained once, one report). `tests/test_push.py` runs actionlint on them.
 """
 
 from __future__ import annotations
@@ -128,6 +127,7 @@ class Runner:
         return dict(line.split("=", 1) for line in files["output"].read_text().splitlines())
 
 
+ONLY_DEPTH = "method=shortgpt,ratio=0.5 method=minitron_depth,ratio=0.5"
 WHERE = {"PY_VERSION": "3.11.9", "DEPS_HASH": "abc", "RECIPE": "recipes/depth_0.5.yaml", "OVERRIDES": ""}
 
 
@@ -137,8 +137,7 @@ WHERE = {"PY_VERSION": "3.11.9", "DEPS_HASH": "abc", "RECIPE": "recipes/depth_0.
 def test_outputs_venv_and_caches_live_outside_the_checkout(tmp_path, name, job, folder):
     """actions/checkout cleans the workspace at every job: what must survive for a resume is beside it."""
     runner = Runner(tmp_path / "runner", name, job, CI_HOME_SETTING="")
-    first = runner.step("where", **WHERE)
-    assert first == {"venv_ready": "false"}
+    assert runner.step("where", **WHERE) == {"venv_ready": "false"}
     for key in (folder, "VENV", "HF_HOME", "PIP_CACHE_DIR"):
         path = Path(runner.env[key])
         assert path.is_absolute() and not path.is_relative_to(runner.workspace), key
@@ -189,15 +188,15 @@ def fake_launchers(tmp_path):
             "sweep.yml",
             "cells",
             "sweep",
-            {"ONLY": "method=shortgpt,ratio=0.5 method=minitron_depth,ratio=0.5", "GROUP": "g", "CELLS": "c"},
-            "sweep r.yaml --only method=shortgpt,ratio=0.5 --only method=minitron_depth,ratio=0.5 a=1 b=2 output_dir=/out",
+            {"ONLY": ONLY_DEPTH, "GROUP": "g", "CELLS": "c"},
+            f"sweep r.yaml --only {ONLY_DEPTH.replace(' ', ' --only ')} a=1 b=2 output_dir=/out",
         ),
     ],
 )
 def test_torchrun_runs_multi_gpu_recipes(tmp_path, fake_launchers, name, job, ident, env, command):
     runner = Runner(tmp_path, name, job, RECIPE="r.yaml", OVERRIDES="a=1 b=2", CI_HOME_SETTING="")
     runner.env["PATH"] = f"{fake_launchers}{os.pathsep}{runner.env['PATH']}"
-    env.update(HF_TOKEN="", OUTPUT_DIR="/out", SWEEP_DIR="/out")
+    env = {**env, "HF_TOKEN": "", "OUTPUT_DIR": "/out", "SWEEP_DIR": "/out"}
     runner.step(ident, NPROC="1", **env)
     assert runner.last.stdout.strip() == f"hfprune {command}"
     runner.step(ident, NPROC="8", **env)
@@ -215,7 +214,7 @@ sweep:
   ratio: [0.5]
   token_budget: [256]
 """
-DEPTH, WANDA = "shortgpt+minitron_depth-r0.5", "wanda-r0.5"
+DEPTH = "shortgpt+minitron_depth-r0.5"
 DEPTH_CELLS = ["shortgpt-r0.5-t256", "minitron_depth-r0.5-t256"]
 MARKER = 12345.0
 
@@ -228,12 +227,8 @@ def plan_job(tmp_path: Path, inputs: dict[str, str]) -> tuple[Runner, dict[str, 
     assert plan.step("parent")["folder"] == ""  # a local parent: no Hub cache
     grid = plan.step("grid", HF_TOKEN="")
     assert json.loads(grid["groups"]) == [
-        {
-            "name": DEPTH,
-            "only": "method=shortgpt,ratio=0.5 method=minitron_depth,ratio=0.5",
-            "cells": " ".join(DEPTH_CELLS),
-        },
-        {"name": WANDA, "only": "method=wanda,ratio=0.5", "cells": "wanda-r0.5-t256"},
+        {"name": DEPTH, "only": ONLY_DEPTH, "cells": " ".join(DEPTH_CELLS)},
+        {"name": "wanda-r0.5", "only": "method=wanda,ratio=0.5", "cells": "wanda-r0.5-t256"},
     ]
     assert grid["parent_cell"] == DEPTH_CELLS[0]
     plan.step("parent-eval", HF_TOKEN="", PARENT_CELL=grid["parent_cell"])
@@ -247,56 +242,49 @@ def plan_job(tmp_path: Path, inputs: dict[str, str]) -> tuple[Runner, dict[str, 
     return plan, grid
 
 
-def test_sweep_jobs_evaluate_the_parent_once_and_train_a_shared_twin_once(tmp_path, tiny_parent_dir):
-    recipe = tmp_path / "grid.yaml"
-    recipe.write_text(
-        tiny_recipe_yaml("grid", tmp_path / "unused", tiny_parent_dir, max_windows=4) + textwrap.dedent(SWEEP)
-    )
-    inputs = {"RECIPE": str(recipe), "OVERRIDES": "seed=0", "CI_HOME_SETTING": ""}
-    plan, grid = plan_job(tmp_path, inputs)
-    group = next(g for g in json.loads(grid["groups"]) if g["name"] == DEPTH)
-    cells = Runner(
-        tmp_path / "gpu-2",
-        "sweep.yml",
-        "cells",
-        **inputs,
-        GROUP=DEPTH,
-        ONLY=group["only"],
-        CELLS=group["cells"],
-    )
+def group_job(tmp_path: Path, inputs: dict[str, str], plan: Runner, group: dict[str, str]) -> Runner:
+    """The matrix job of the depth group on another runner: the parent's evaluation taken, its cells run."""
+    matrix = {"GROUP": group["name"], "ONLY": group["only"], "CELLS": group["cells"]}
+    cells = Runner(tmp_path / "gpu-2", "sweep.yml", "cells", **inputs, **matrix)
     cells.step("where", **WHERE)
     (cells.temp / "parent-eval").mkdir()  # what actions/download-artifact leaves
     shutil.copy(plan.temp / "pack" / "parent-eval.tar", cells.temp / "parent-eval")
     cells.step("take-parent")
     cells.step("sweep", HF_TOKEN="", NPROC="1")
     sweep_dir = Path(cells.env["SWEEP_DIR"])
-    assert sorted(p.name for p in sweep_dir.iterdir() if p.is_dir()) == sorted(DEPTH_CELLS)
+    assert sorted(p.name for p in sweep_dir.iterdir()) == sorted([*DEPTH_CELLS, "report.json", "report.md"])
     metrics = {cell: json.loads((sweep_dir / cell / "metrics.json").read_text()) for cell in DEPTH_CELLS}
-    assert {
-        cell: m["parent"]["perplexity"]["pydoc"]["value"] for cell, m in metrics.items()
-    } == dict.fromkeys(DEPTH_CELLS, MARKER)
-    assert metrics[DEPTH_CELLS[1]]["scratch"]["shared_from"] == DEPTH_CELLS[0]
+    parent_scores = {cell: m["parent"]["perplexity"]["pydoc"]["value"] for cell, m in metrics.items()}
+    assert parent_scores == dict.fromkeys(DEPTH_CELLS, MARKER)  # copied, not evaluated again
+    assert metrics[DEPTH_CELLS[1]]["scratch"]["shared_from"] == DEPTH_CELLS[0]  # one twin trained
     assert "shared_from" not in metrics[DEPTH_CELLS[0]]["scratch"]
     # A rerun of the job takes the parent's evaluation again, but never over a cell it already holds.
     cells.step("take-parent")
-    assert "train_scratch" in json.loads(
-        (sweep_dir / DEPTH_CELLS[0] / ".hfprune" / "stages.json").read_text()
-    )
+    ledger = sweep_dir / DEPTH_CELLS[0] / ".hfprune" / "stages.json"
+    assert "train_scratch" in json.loads(ledger.read_text())
+    return cells
 
+
+def test_sweep_jobs_evaluate_the_parent_once_and_train_a_shared_twin_once(tmp_path, tiny_parent_dir):
+    recipe = tmp_path / "grid.yaml"
+    base = tiny_recipe_yaml("grid", tmp_path / "x", tiny_parent_dir, max_windows=4)
+    recipe.write_text(base + textwrap.dedent(SWEEP))
+    inputs = {"RECIPE": str(recipe), "OVERRIDES": "seed=0", "CI_HOME_SETTING": ""}
+    plan, grid = plan_job(tmp_path, inputs)
+    cells = group_job(tmp_path, inputs, plan, json.loads(grid["groups"])[0])
+    checkpoints = Path(cells.env["SWEEP_DIR"]) / DEPTH_CELLS[0] / ".hfprune" / "train" / "continued"
+    checkpoints.mkdir(parents=True)
+    (checkpoints / "optimizer.pt").write_text("a killed run's checkpoint")
     cells.step("pack")
     with tarfile.open(cells.temp / "pack" / f"report-{DEPTH}.tar") as tar:
-        assert set(tar.getnames()) == {
-            f"{cell}/{name}"
-            for cell in DEPTH_CELLS
-            for name in ("metrics.json", "recipe.yaml", "models/pruned/prune_report.json")
-        }
+        read = ("metrics.json", "recipe.yaml", "models/pruned/prune_report.json")
+        assert set(tar.getnames()) == {f"{cell}/{name}" for cell in DEPTH_CELLS for name in read}
     with tarfile.open(cells.temp / "pack" / f"models-{DEPTH}.tar") as tar:
         names = set(tar.getnames())
-    assert {
-        f"{cell}/models/{kind}/model.safetensors"
-        for cell in DEPTH_CELLS
-        for kind in ("pruned", "continued", "scratch")
-    } <= names
+        assert tar.getmember(f"{DEPTH_CELLS[1]}/models/scratch/model.safetensors").islnk()  # one copy
+    kinds = ("pruned", "continued", "scratch")
+    assert {f"{c}/models/{kind}/model.safetensors" for c in DEPTH_CELLS for kind in kinds} <= names
+    assert f"{DEPTH_CELLS[0]}/.hfprune/stages.json" in names  # the ledger: a run resumes from the artifact
     assert not any("/.hfprune/train" in name for name in names)
 
     report_dir = tmp_path / "hosted" / "runs" / "sweep"
@@ -306,7 +294,6 @@ def test_sweep_jobs_evaluate_the_parent_once_and_train_a_shared_twin_once(tmp_pa
     report.step("gather")
     report.step("report")
     text = (report_dir / "report.md").read_text()
-    assert (
-        "| shortgpt | 0.5 " in text and "| minitron_depth | 0.5 " in text and f"Parent: {MARKER:.2f}" in text
-    )
+    assert "| shortgpt | 0.5 " in text and "| minitron_depth | 0.5 " in text
+    assert f"Parent: {MARKER:.2f}" in text
     assert f"(twin of {DEPTH_CELLS[0]})" in text and report.summary == text  # also the job's summary
