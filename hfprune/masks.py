@@ -10,9 +10,9 @@ File format: a safetensors file holding, per parameter, the mask flattened in ro
 bit-packed into uint8 (most significant bit first, the same as `numpy.packbits`), plus metadata
 `format`, `version` and `shapes` (JSON: name -> shape). One bit per weight: 1/8 of a bool tensor.
 
-Training at scale keeps them that way: `load_packed_masks` returns `PackedMask`s (still one bit per
-weight in host memory), optionally only the names asked for and only the rows of one FSDP shard, read
-from the file without the rest. `SparsityMaskCallback` and the twin accept them wherever they accept a
+Training at scale keeps them that way: `load_packed_masks` returns `PackedMask`s
+(`hfprune.packed_masks`, one bit per weight in host memory), optionally only the names asked for and
+only the rows of one FSDP shard, read from the file without the rest. `SparsityMaskCallback` and the twin accept them wherever they accept a
 bool mask and unpack one parameter at a time, straight to the int8 keep bits the callback applies.
 """
 

@@ -47,8 +47,6 @@ logger = logging.getLogger(__name__)
 TrainArgs = TrainingArguments | Mapping[str, Any]
 """`TrainingArguments`, or the recipe's `train.args` mapping they are made from."""
 
-_HYBRID = ("hybrid_shard", "hybrid_shard_zero2", "HYBRID_SHARD", "_HYBRID_SHARD_ZERO2")
-
 
 def fsdp_settings(args: TrainArgs) -> dict[str, Any] | None:
     """The `fsdp_config` of `args` (keys without their optional `fsdp_` prefix; a JSON file is read), or
@@ -125,12 +123,7 @@ def masks_for_training(
     path = Path(path)
     if not path.exists():
         return None
-    settings = fsdp_settings(args) or {}
-    whole = (
-        not sharded_training(args)
-        or (twin and materialises_weights(args))
-        or any(str(value) in _HYBRID for value in settings.values())  # shard index is not the rank
-    )
+    whole = not sharded_training(args) or (twin and materialises_weights(args)) or _replicated(args)
     shard = None if whole else (int(os.environ.get("RANK", "0")), distributed.world_size())
     return load_packed_masks(path, shard=shard)
 
@@ -185,6 +178,17 @@ def unsharded_copy(sharded: nn.Module, plain: nn.Module) -> PreTrainedModel | No
         )
     model.generation_config = copy.deepcopy(plain.generation_config)
     return model.eval()
+
+
+def _replicated(args: TrainArgs) -> bool:
+    """Whether shards are also replicated (HSDP: `hybrid_shard`, or a `parallelism_config`), so that a
+    process's shard index is not its rank: such processes take the masks whole."""
+    if isinstance(args, TrainingArguments):
+        enabled, parallel = args.fsdp, getattr(args, "parallelism_config", None)
+    else:
+        enabled, parallel = args.get("fsdp"), args.get("parallelism_config")
+    words = [str(enabled), *map(str, (fsdp_settings(args) or {}).values())]
+    return parallel is not None or any("hybrid" in word.lower() for word in words)
 
 
 def _truthy(value: Any) -> bool:

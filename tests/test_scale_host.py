@@ -15,9 +15,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.distributed as dist
+from accelerate.utils import extract_model_from_parallel
 from conftest import tiny_model
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
 from torch.utils.data import Dataset
-from transformers import AutoModelForCausalLM, TrainingArguments
+from transformers import AutoModelForCausalLM, LlamaForCausalLM, TrainingArguments
 
 import hfprune.sharding
 from hfprune.callbacks import SparsityMaskCallback
@@ -187,11 +191,13 @@ def test_masks_for_training_whole_or_this_process_shard(pruned, monkeypatch):
         ((0, True, EFFICIENT, True), (0, 128)),  # rank 0 masks the twin it initialises
         ((1, True, EFFICIENT, True), (64, 128)),  # rank 1's twin is an empty shell
         ((1, True, {"fsdp": True}, True), (0, 128)),  # every process initialises its twin
-        (
-            (1, True, {"fsdp": True, "fsdp_config": {"reshard_after_forward": "hybrid_shard"}}, False),
-            (0, 128),
-        ),
     ]
+    hybrid = [  # HSDP: the shard index is not the rank, so the masks come whole
+        {"fsdp": True, "fsdp_config": {"reshard_after_forward": "hybrid_shard"}},
+        {"fsdp": "hybrid_shard auto_wrap"},
+        {"fsdp": True, "parallelism_config": {"dp_replicate_size": 2}},
+    ]
+    cases += [((1, True, args, False), (0, 128)) for args in hybrid]
     for (rank, accelerator, args, twin), rows in cases:
         as_process(monkeypatch, rank, 2, accelerator)
         masks = masks_for_training(path, args, twin=twin)
@@ -263,6 +269,41 @@ def test_an_unsharded_trained_model_is_evaluated_as_it_is(pruned):
     )
     assert trained_model_for_eval(trainer) is model
     assert not hfprune.sharding.is_sharded(wrapper)
+
+
+@pytest.fixture
+def one_process_group(tmp_path):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'group'}", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_a_sharded_model_is_gathered_into_a_whole_copy(one_process_group, tie):
+    """FSDP2 on one process (a real setup: one GPU) takes the gathering path as on many."""
+    model = tiny_model(num_hidden_layers=2, max_position_embeddings=64, tie_word_embeddings=tie)
+    expected = {name: value.clone() for name, value in model.state_dict().items()}
+    mesh = init_device_mesh("cpu", (1,))
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    assert hfprune.sharding.is_sharded(model)
+    trainer = SimpleNamespace(
+        model=model,
+        model_wrapped=model,
+        accelerator=SimpleNamespace(unwrap_model=extract_model_from_parallel),
+        is_deepspeed_enabled=False,
+    )
+    copy = trained_model_for_eval(trainer)
+    assert type(copy) is LlamaForCausalLM and not hfprune.sharding.is_sharded(copy) and not copy.training
+    assert copy.state_dict().keys() == expected.keys()
+    assert all(torch.equal(copy.state_dict()[name], value) for name, value in expected.items())
+    assert (copy.lm_head.weight is copy.model.embed_tokens.weight) is tie
+    ids = torch.randint(2, 384, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(copy(input_ids=ids).logits, model(input_ids=ids).logits)
 
 
 @pytest.fixture(scope="module")
