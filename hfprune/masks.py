@@ -12,8 +12,9 @@ bit-packed into uint8 (most significant bit first, the same as `numpy.packbits`)
 
 Training at scale keeps them that way: `load_packed_masks` returns `PackedMask`s
 (`hfprune.packed_masks`, one bit per weight in host memory), optionally only the names asked for and
-only the rows of one FSDP shard, read from the file without the rest. `SparsityMaskCallback` and the twin accept them wherever they accept a
-bool mask and unpack one parameter at a time, straight to the int8 keep bits the callback applies.
+only the rows of one FSDP shard, read from the file without the rest. `SparsityMaskCallback` and the
+twin accept them wherever they accept a bool mask and unpack one parameter at a time, straight to the
+int8 keep bits the callback applies.
 """
 
 from __future__ import annotations
