@@ -50,9 +50,10 @@ def execution_device(model: PreTrainedModel) -> torch.device:
 
 
 def batches(input_ids: torch.Tensor, batch_size: int, desc: str) -> Iterator[torch.Tensor]:
-    """The calibration windows `batch_size` at a time, with a progress bar."""
-    chunks = input_ids.split(batch_size)
-    yield from tqdm(chunks, desc=desc, unit="batch", leave=False)
+    """The calibration windows `batch_size` at a time, with a progress bar (one view alive at a time)."""
+    starts = range(0, input_ids.shape[0], batch_size)
+    for start in tqdm(starts, desc=desc, unit="batch", leave=False):
+        yield input_ids[start : start + batch_size]
 
 
 @contextlib.contextmanager

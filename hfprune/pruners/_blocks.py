@@ -80,8 +80,11 @@ def block_nlls(
                     hidden = run_layer(layers[index], hidden, trace.kwargs[index])
                 values.append(_head_nll(model, hidden, batch))
             stacked = torch.stack(values)
-            totals = stacked if totals is None else totals + stacked
+            if totals is None:
+                totals = stacked
+            else:
+                totals += stacked
             tokens += batch[:, 1:].numel()
-            del trace
+            del trace, values, stacked  # nothing of this batch outlives it
     assert totals is not None
     return totals, tokens

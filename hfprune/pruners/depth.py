@@ -167,7 +167,10 @@ class MinitronDepthPruner(DepthPruner):
         lengths: Sequence[int] | None = None,
     ) -> BlockScores:
         """Perplexities for every start of every block length in `lengths` (default: all lengths,
-        the full sweep; `prune` asks only for the length its ratio needs)."""
+        the full sweep; `prune` asks only for the length its ratio needs).
+
+        Per calibration batch, one traced forward, then each candidate resumes from the hidden state
+        entering its block (`_blocks.block_nlls`: prefix reused, vocabulary in slices)."""
         if calibration is None:
             raise ValueError("minitron_depth needs calibration tokens")
         count = model.config.num_hidden_layers

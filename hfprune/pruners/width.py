@@ -2,10 +2,10 @@
 
 `minitron_width` removes residual-stream (hidden) channels and FFN neurons and keeps every attention
 head; `flap` removes whole GQA groups and FFN neurons and keeps the hidden size. Both score from
-activation statistics streamed from one forward per calibration batch (`_activations.stream_statistics`,
-summed on the model's device), take their target sizes from
-the resolver in `shapes.py`, and leave the surgery to `_ops.py`; module names come from the parent's
-`ArchitectureSpec`. `prune_report.json` lists what was kept.
+activation statistics streamed from one forward per calibration batch and summed on the model's device
+(`_activations.stream_statistics`), take their target sizes from the resolver in `shapes.py`, and leave
+the surgery to `_ops.py`; module names come from the parent's `ArchitectureSpec`. `prune_report.json`
+lists what was kept.
 """
 
 from __future__ import annotations
