@@ -11,8 +11,7 @@ from __future__ import annotations
 import shutil
 from typing import TYPE_CHECKING, Any
 
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
 from hfprune import distributed, kinds
 from hfprune.eval import evaluation_windows
@@ -20,11 +19,14 @@ from hfprune.outputs import distributed_staging_dir
 from hfprune.training import (
     HeldOutCurveCallback,
     learning_curve,
+    load_for_training,
+    masks_for_training,
     save_trained,
     train_model,
+    trained_model_for_eval,
     training_work_dir,
+    twin_for_training,
 )
-from hfprune.twin import make_scratch_twin
 from hfprune.workspace import MASKS_FILE
 
 
@@ -38,18 +40,16 @@ def run(ctx: Context, kind: str) -> None:
     if from_twin and ctx.providers.twins.take(ctx, kind):
         return
     tokenizer = AutoTokenizer.from_pretrained(ws.pruned_dir)
-    # fp32 master weights whatever the checkpoint dtype; bf16 compute comes from train.args.
-    model = AutoModelForCausalLM.from_pretrained(ws.pruned_dir, dtype=torch.float32)
-    masks = None
-    if ws.masks_path.exists():
-        from hfprune.masks import load_masks
-
-        masks = load_masks(ws.masks_path)
+    # Bit-packed masks (this rank's shard under FSDP); fp32 master weights whatever the checkpoint
+    # dtype, read once per job under FSDP's RAM-efficient loading; the twin never beside a loaded copy.
+    masks = masks_for_training(ws.masks_path, spec.args, twin=from_twin)
     if from_twin:
         reinit = spec.reinit_embeddings_and_norms
-        model = make_scratch_twin(
-            model, seed=ctx.recipe.seed, masks=masks, reinit_embeddings_and_norms=reinit
+        model = twin_for_training(
+            ws.pruned_dir, spec.args, seed=ctx.recipe.seed, masks=masks, reinit_embeddings_and_norms=reinit
         )
+    else:
+        model = load_for_training(ws.pruned_dir, spec.args)
     work_dir = training_work_dir(ws.train_dir(kind), ctx.fingerprint(f"train_{kind}"))
     trainer, outcome = train_model(
         model,
@@ -73,7 +73,10 @@ def run(ctx: Context, kind: str) -> None:
         # The trained model is published; its checkpoints (weights plus optimizer state, about four
         # times the model) only served resuming this stage, and a sweep would pile them up.
         shutil.rmtree(work_dir, ignore_errors=True)
-    ctx.models[kind] = trainer.accelerator.unwrap_model(trainer.model)
+    # Collective when the model is sharded: every process gathers, rank 0 keeps a whole copy to evaluate.
+    evaluable = trained_model_for_eval(trainer)
+    if evaluable is not None:
+        ctx.models[kind] = evaluable
 
 
 def curve_callbacks(ctx: Context, tokenizer: Any) -> list[HeldOutCurveCallback]:
