@@ -19,40 +19,20 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from hfprune import kinds
 from hfprune.placement import device_spec_problem
 from hfprune.pruners import PRUNERS, UnknownPrunerError, get_pruner
+from hfprune.recipe_eval import EvalSpec
 from hfprune.recipe_raw import RecipeError, read_recipe_yaml
 from hfprune.recipe_raw import apply_overrides as _apply_overrides
+from hfprune.recovery.specs import DistillSpec, LoraSpec
+from hfprune.schema import DatasetSpec, Strict, default_dataset
 from hfprune.train_args import training_args_problems
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class DatasetSpec(_Strict):
-    """`datasets.load_dataset` arguments plus the column holding text.
-
-    `path` also accepts `hfprune:pydoc_topics`, the Python documentation that ships with every
-    interpreter, so recipes work with no download at all.
-    """
-
-    path: str
-    name: str | None = None
-    split: str = "train"
-    data_files: str | list[str] | dict[str, str | list[str]] | None = None
-    streaming: bool = False
-    text_field: str = "text"
-
-
-def _default_dataset(split: str) -> DatasetSpec:
-    return DatasetSpec(path="hfprune:pydoc_topics", split=split)
-
-
-class ParentSpec(_Strict):
+class ParentSpec(Strict):
     model: str = Field(description="Hub repo id or local directory")
     revision: str | None = None
     gguf_file: str | None = Field(default=None, description="GGUF file inside `model`, dequantized on load")
@@ -74,7 +54,7 @@ class ParentSpec(_Strict):
         return device
 
 
-class PruneSpec(_Strict):
+class PruneSpec(Strict):
     method: str
     ratio: float = Field(gt=0, lt=1, description="fraction of non-embedding parameters (or weights) removed")
     options: dict[str, Any] = Field(default_factory=dict)
@@ -89,84 +69,11 @@ class PruneSpec(_Strict):
         return method
 
 
-class CalibrationSpec(_Strict):
-    dataset: DatasetSpec = Field(default_factory=lambda: _default_dataset("train"))
+class CalibrationSpec(Strict):
+    dataset: DatasetSpec = Field(default_factory=lambda: default_dataset("train"))
     num_samples: int = Field(default=32, gt=0)
     seq_len: int = Field(default=512, gt=1)
     batch_size: int = Field(default=1, gt=0)
-
-
-class PerplexitySpec(_Strict):
-    name: str
-    dataset: DatasetSpec
-    seq_len: int = Field(default=512, gt=1)
-    max_windows: int | None = Field(default=64, gt=0)
-
-
-class LmEvalTask(_Strict):
-    """One lm-evaluation-harness task at one number of shots, and the metric reported for it."""
-
-    task: str
-    num_fewshot: int | None = Field(default=None, ge=0, description="default: eval.lm_eval.num_fewshot")
-    metric: str = Field(default="acc", description="the metric key reported (acc, acc_norm, f1, ...)")
-    in_average: bool | None = Field(
-        default=None,
-        description="counted in the headline average; default: unless the metric is a perplexity",
-    )
-
-
-class LmEvalSpec(_Strict):
-    """lm-evaluation-harness on the in-memory models; tasks add to those of `eval.preset`."""
-
-    tasks: list[LmEvalTask] = Field(default_factory=list)
-    num_fewshot: int = Field(default=0, ge=0)
-    limit: int | float | None = Field(
-        default=None, description="documents per task (a float < 1: a fraction)"
-    )
-    batch_size: int | None = Field(default=None, gt=0, description="default: eval.batch_size")
-    include_path: list[str] = Field(default_factory=list, description="folders of local task YAMLs")
-    seed: int = Field(default=1234, description="lm-eval's random, numpy, torch and few-shot seeds")
-
-    @field_validator("tasks", mode="before")
-    @classmethod
-    def _task_names(cls, tasks: Any) -> Any:
-        # A bare task name is shorthand for {task: name}.
-        return [{"task": t} if isinstance(t, str) else t for t in tasks] if isinstance(tasks, list) else tasks
-
-    @field_validator("include_path", mode="before")
-    @classmethod
-    def _one_path(cls, paths: Any) -> Any:
-        return [paths] if isinstance(paths, str) else paths
-
-    @field_validator("limit")
-    @classmethod
-    def _limit(cls, limit: float | None) -> float | None:
-        if limit is not None and not ((isinstance(limit, int) and limit >= 1) or 0 < limit < 1):
-            raise ValueError("a number of documents (int >= 1) or a fraction of them (0 < float < 1)")
-        return limit
-
-
-class EvalSpec(_Strict):
-    perplexity: list[PerplexitySpec] = Field(
-        default_factory=lambda: [PerplexitySpec(name="pydoc", dataset=_default_dataset("test"))]
-    )
-    batch_size: int = Field(default=4, gt=0)
-    preset: Literal["paper", "quick"] | None = Field(
-        default=None, description="lm-eval suite: `paper` (the study's tasks and shots) or `quick` (offline)"
-    )
-    lm_eval: LmEvalSpec = Field(default_factory=LmEvalSpec)
-    every_tokens: int | None = Field(
-        default=None,
-        gt=0,
-        description="during training, held-out perplexity (first perplexity set) every this many tokens",
-    )
-
-    @model_validator(mode="after")
-    def _tasks_resolve(self) -> EvalSpec:
-        from hfprune.lmeval import resolve_tasks
-
-        resolve_tasks(self)  # raises ValueError naming a task given twice at the same shots
-        return self
 
 
 # TrainingArguments that hfprune derives itself; a recipe setting them would silently be overridden.
@@ -184,14 +91,14 @@ DERIVED_TRAINING_ARGS = {
 }
 
 
-class TrainSpec(_Strict):
+class TrainSpec(Strict):
     """Continued training of the pruned model and of its random-init twin on the same token stream."""
 
     runs: list[str] = Field(
         default_factory=kinds.default_runs, min_length=1, description="trained model kinds (hfprune.kinds)"
     )
     token_budget: int = Field(gt=0, description="tokens each model trains on (summed over processes)")
-    dataset: DatasetSpec = Field(default_factory=lambda: _default_dataset("train"))
+    dataset: DatasetSpec = Field(default_factory=lambda: default_dataset("train"))
     seq_len: int = Field(default=512, gt=1)
     skip_tokens: int = Field(default=0, ge=0, description="start the stream after this many tokens")
     shuffle_buffer: int = Field(default=1000, gt=0)
@@ -201,6 +108,20 @@ class TrainSpec(_Strict):
         default=True, description="the scratch twin re-initialises embeddings and norms too"
     )
     args: dict[str, Any] = Field(default_factory=dict, description="passed to transformers.TrainingArguments")
+    distill: DistillSpec | None = Field(
+        default=None, description="logit distillation from the parent, for the runs that distil (e.g. distilled)"
+    )
+    lora: LoraSpec | None = Field(default=None, description="LoRA recovery, for the runs that use it (lora)")
+
+    @model_validator(mode="after")
+    def _recovery_defaults(self) -> TrainSpec:
+        # A run that distils (or trains LoRA) without settings gets the defaults, written out in the
+        # resolved recipe so the card and a rerun see them.
+        if self.distill is None and set(self.runs) & set(kinds.recovering(kinds.Recovery.DISTILL)):
+            object.__setattr__(self, "distill", DistillSpec())
+        if self.lora is None and set(self.runs) & set(kinds.recovering(kinds.Recovery.LORA)):
+            object.__setattr__(self, "lora", LoraSpec())
+        return self
 
     @field_validator("runs")
     @classmethod
@@ -233,7 +154,7 @@ class TrainSpec(_Strict):
         return args
 
 
-class PushSpec(_Strict):
+class PushSpec(Strict):
     """Publishing to the Hub: `<repo_prefix>` (continued), `-scratch`, `-pruned` (with `include_pruned`).
 
     The token comes from HF_TOKEN or the `hf auth login` cache, never from the recipe.
@@ -252,7 +173,7 @@ class PushSpec(_Strict):
         return self
 
 
-class Recipe(_Strict):
+class Recipe(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     output_dir: str | None = None
     seed: int = 0
@@ -271,9 +192,21 @@ class Recipe(_Strict):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
     def fingerprint(self, *sections: str) -> str:
-        """A short hash of the named top-level sections: a stage's inputs, for skip-on-rerun."""
-        data = {key: self.model_dump(mode="json")[key] for key in sections}
+        """A short hash of the named top-level sections: a stage's inputs, for skip-on-rerun.
+
+        Keys of `PLACEMENT_KEYS` are left out: where a model runs does not change what a finished stage
+        made, so moving a run to another device (or adding such a key) never reruns finished stages.
+        """
+        dump = self.model_dump(mode="json")
+        for section, key in PLACEMENT_KEYS:
+            if isinstance(dump.get(section), dict):
+                dump[section].pop(key, None)
+        data = {key: dump[key] for key in sections}
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# (section, key) pairs that say where work runs, not what it computes: not part of any fingerprint.
+PLACEMENT_KEYS = (("parent", "device"),)
 
 
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
+
+from hfprune.schema import Strict
 
 
 LLAMA_LINEAR_PROJECTIONS: tuple[str, ...] = (
@@ -26,11 +28,7 @@ LLAMA_LINEAR_PROJECTIONS: tuple[str, ...] = (
 Divergence = Literal["forward_kl", "reverse_kl", "jsd"]
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class DistillSpec(_Strict):
+class DistillSpec(Strict):
     """Logit distillation from the parent (the teacher) into the trained model (the student).
 
     Per token the loss is `alpha * T^2 * D(teacher, student) + (1 - alpha) * CE(student, next token)`,
@@ -70,7 +68,7 @@ class DistillSpec(_Strict):
         return {"forward_kl": 0.0, "reverse_kl": 1.0}.get(self.divergence, self.beta)
 
 
-class LoraSpec(_Strict):
+class LoraSpec(Strict):
     """LoRA recovery: low-rank adapters trained on the budget, merged into the weights before saving.
 
     The defaults (rank 16, alpha 32, dropout 0.05, all seven projections) are the usual choice for
