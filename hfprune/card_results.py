@@ -82,7 +82,8 @@ def result_rows(metrics: dict[str, Any], models: list[str]) -> list[dict[str, An
 
 def results_context(metrics: dict[str, Any], kind: str) -> dict[str, Any]:
     """The template's results section: one column per model kind measured (registry order)."""
-    models = [model for model in kinds.names() if model in metrics]
+    # Kinds with scores (a `hfprune prune` run has none: its card gets no empty table).
+    models = [model for model in kinds.names() if _measured(metrics.get(model, {}))]
     protocol, average = (
         _first(metrics, models, "lm_eval", "protocol"),
         _first(metrics, models, "lm_eval", "average"),
@@ -94,11 +95,15 @@ def results_context(metrics: dict[str, Any], kind: str) -> dict[str, Any]:
         )
     return {
         "columns": [f"**{m}** (this model)" if m == kind else m for m in models],
-        "rows": result_rows(metrics, models),
+        "rows": result_rows(metrics, models) if models else [],
         "lm_eval_protocol": protocol,
         "average_definition": f"{average['definition']}: {', '.join(average['of'])}" if average else None,
-        "legend": [{"name": k.name, "summary": k.summary} for k in kinds.all_kinds()],
+        "legend": [{"name": k.name, "summary": k.summary} for k in kinds.all_kinds() if k.name in models],
     }
+
+
+def _measured(entry: dict[str, Any]) -> bool:
+    return bool(entry.get("perplexity") or entry.get("lm_eval") or "params" in entry)
 
 
 def _get(metrics: dict[str, Any], model: str, *path: str) -> Any:

@@ -21,6 +21,14 @@ from huggingface_hub import ModelCard, ModelCardData
 
 from hfprune import kinds
 from hfprune.callbacks import PAPER_TRAINING_DEFAULTS
+from hfprune.card_provenance import (
+    HUB_URL,
+    dataset_reference,
+    parent_context,
+    parent_reference,
+    shareable_command,
+    shareable_recipe,
+)
 from hfprune.card_results import eval_results, is_hub_dataset, results_context
 from hfprune.errors import RunFailure
 from hfprune.hub import published_kinds, repo_id_for
@@ -29,7 +37,7 @@ from hfprune.recipe import Recipe
 from hfprune.workspace import Workspace
 
 
-HUB_URL = "https://huggingface.co"
+RECIPE_FILE = "recipe.yaml"
 
 
 class CardError(RunFailure, ValueError):
@@ -60,15 +68,6 @@ def _card_kind_names() -> str:
     return ", ".join(kind.name for kind in kinds.carded())
 
 
-def parent_reference(recipe: Recipe) -> tuple[str, str | None]:
-    """(display name, Hub id or None) of the parent; a local directory has no Hub id unless `hub_id` says."""
-    parent = recipe.parent
-    if parent.hub_id:
-        return parent.hub_id, parent.hub_id
-    local = Path(parent.model).expanduser().exists() or parent.model.startswith((".", "/", "~"))
-    return (Path(parent.model).name or parent.model, None) if local else (parent.model, parent.model)
-
-
 def card_repo_id(recipe: Recipe, kind: str) -> str:
     """Where `kind` is (or would be) published; a placeholder org when the recipe sets no repo_prefix."""
     return repo_id_for(recipe.push.repo_prefix or f"<org>/{recipe.name}", kind)
@@ -86,14 +85,15 @@ def render_card(
 ) -> ModelCard:
     """The card of `models/<kind>/`; `training` is its training_report.json (continued, scratch);
     `figures` are PNGs in the model folder (a sweep's report plots), shown in their own section."""
-    parent_name, parent_id = parent_reference(recipe)
     repo_id = card_repo_id(recipe, kind)
     return ModelCard.from_template(
         card_data(kind, recipe, report, metrics.get(kind, {}), license),
         template_str=template_text(kind),
         kind=kind,
         model_name=repo_id.split("/")[-1],
-        parent={"name": parent_name, "link": f"{HUB_URL}/{parent_id}" if parent_id else recipe.parent.model},
+        parent=parent_context(recipe),
+        recovery=_recovery_context(kind, recipe),
+        data=_data_context(recipe, report),
         **_pruning_context(report),
         **results_context(metrics, kind),
         training=training,
@@ -102,8 +102,8 @@ def render_card(
         seed=recipe.seed,
         siblings=_siblings(recipe, kind, metrics),
         repo_id=repo_id,
-        command=command,
-        recipe_yaml=recipe.to_yaml(),
+        command=shareable_command(command),
+        recipe_yaml=shareable_recipe(recipe),
         figures=figures or [],
         figures_note=FIGURES_NOTE,
     )
@@ -139,6 +139,7 @@ def write_cards(
         training = json.loads(training_file.read_text()) if training_file.is_file() else None
         card = render_card(kind, recipe, report, metrics, license, command, training, figures)
         write_text(folder / "README.md", str(card))
+        write_text(folder / RECIPE_FILE, shareable_recipe(recipe))  # what the card says to rerun
         written.append(folder / "README.md")
     return written
 
@@ -194,6 +195,10 @@ def _siblings(recipe: Recipe, kind: str, metrics: dict[str, Any]) -> list[dict[s
 
 def _pruning_context(report: dict[str, Any]) -> dict[str, Any]:
     shape = report["shape"]
+    sparse = report["granularity"] == "sparse"
+    # One parameter count everywhere: what the checkpoint stores (a sparse model stores the parent's
+    # shapes); for sparse models the non-zero count goes beside it.
+    stored = shape["params_before"] if sparse else shape["params_after"]
     return {
         "method": report["method"],
         "method_description": report["description"],
@@ -201,11 +206,30 @@ def _pruning_context(report: dict[str, Any]) -> dict[str, Any]:
         "ratio_requested": shape["ratio_requested"],
         "ratio_achieved": shape["ratio_achieved"],
         "params_parent": shape["params_before"],
-        "params_model": shape["params_after"],
+        "params_model": stored,
+        "params_nonzero": shape["params_after"] if sparse else None,
         "shape_rows": [
             (k, report["parent_config"].get(k, "-"), v) for k, v in shape["config_changes"].items()
         ],
         "kept_layers": report.get("kept_layers"),
         "calibration": report["calibration"],
         "seconds": report["seconds"],
+    }
+
+
+def _recovery_context(kind: str, recipe: Recipe) -> dict[str, Any] | None:
+    """How a recovery kind trained (`hfprune.kinds.Recovery`): its recipe settings, for the card."""
+    recovery = kinds.get(kind).recovery
+    if recovery is None or recipe.train is None:
+        return None
+    settings = getattr(recipe.train, str(recovery))
+    return {"kind": str(recovery), **(settings.model_dump(mode="json") if settings else {})}
+
+
+def _data_context(recipe: Recipe, report: dict[str, Any]) -> dict[str, str | None]:
+    """The calibration and training data in words (Hub ids with links, local files by name)."""
+    calibration = report.get("calibration")
+    return {
+        "calibration": dataset_reference(calibration["dataset"]) if calibration else None,
+        "train": dataset_reference(recipe.train.dataset.model_dump(mode="json")) if recipe.train else None,
     }

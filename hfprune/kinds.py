@@ -13,6 +13,10 @@ How a kind is made decides which stage makes it:
 - `FROM_PRUNED`: trained (a `train_<kind>` stage) starting from the pruned weights;
 - `FROM_TWIN`: trained starting from a random-init twin of the pruned model (same shape and masks).
 
+How a trained kind trains is its `recovery` (`Recovery`): plain next-token loss (None), logit
+distillation from the parent (`train.distill`), or LoRA adapters merged before saving (`train.lora`).
+The train stage reads it; no stage names a kind.
+
 Registry order is column order everywhere (metrics tables, cards, report).
 """
 
@@ -20,6 +24,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import StrEnum
+
+
+class Recovery(StrEnum):
+    """How a trained kind trains, beyond plain next-token loss (`hfprune.recovery`)."""
+
+    DISTILL = "distill"  # against the parent's logits (train.distill)
+    LORA = "lora"  # LoRA adapters on the budget, merged into the weights (train.lora)
 
 
 class Making(StrEnum):
@@ -46,6 +57,7 @@ class ModelKind:
         published_by_default: Published by every push; otherwise only with `push.include_pruned`
             (or when the run made nothing that is published by default).
         default_run: Trained when the recipe's `train.runs` is not given (trained kinds only).
+        recovery: How a trained kind trains: None (plain next-token loss) or a `Recovery`.
     """
 
     name: str
@@ -57,6 +69,7 @@ class ModelKind:
     has_base_model: bool = False
     published_by_default: bool = False
     default_run: bool = False
+    recovery: Recovery | None = None
 
     @property
     def trained(self) -> bool:
@@ -123,6 +136,11 @@ def default_runs() -> list[str]:
     return [kind.name for kind in _REGISTRY.values() if kind.trained and kind.default_run]
 
 
+def recovering(recovery: Recovery) -> list[str]:
+    """The kinds that train with `recovery` (so need its `train.<recovery>` settings)."""
+    return [kind.name for kind in _REGISTRY.values() if kind.recovery is recovery]
+
+
 def carded() -> list[ModelKind]:
     """Kinds whose folder gets a model card (all but the parent)."""
     return [kind for kind in _REGISTRY.values() if kind.card_template is not None]
@@ -150,5 +168,21 @@ SCRATCH = register(ModelKind(
     "scratch", Making.FROM_TWIN, "its random-init twin after the same training",
     repo_suffix="-scratch", card_template="scratch", tags=("random-init",),
     published_by_default=True, default_run=True,
+))
+# Recovery kinds: trained only when `train.runs` names them, on the same budget and tokens.
+DISTILLED = register(ModelKind(
+    "distilled", Making.FROM_PRUNED, "the pruned model trained against the parent's logits",
+    repo_suffix="-distilled", card_template="distilled", tags=("pruned", "distillation"),
+    has_base_model=True, published_by_default=True, recovery=Recovery.DISTILL,
+))
+LORA = register(ModelKind(
+    "lora", Making.FROM_PRUNED, "the pruned model with LoRA adapters trained and merged",
+    repo_suffix="-lora", card_template="lora", tags=("pruned", "lora"),
+    has_base_model=True, published_by_default=True, recovery=Recovery.LORA,
+))
+SCRATCH_DISTILLED = register(ModelKind(
+    "scratch_distilled", Making.FROM_TWIN, "the random-init twin trained against the parent's logits",
+    repo_suffix="-scratch-distilled", card_template="scratch_distilled", tags=("random-init", "distillation"),
+    published_by_default=True, recovery=Recovery.DISTILL,
 ))
 # fmt: on

@@ -174,7 +174,7 @@ def _median(values: list[float]) -> float:
 def budget_table(rows: list[RunRow]) -> list[str]:
     """Method x ratio at one budget: every kind's score but the parent's (it heads the report), then the gap."""
     headline, twin = (kind.name for kind in kinds.comparison())
-    columns = [kind.name for kind in kinds.all_kinds() if kind.making is not kinds.Making.LOADED]
+    columns = shown_kinds(rows)
     lines = [
         f"| method | ratio (achieved) | params (non-embedding) | {' | '.join(columns)} | {headline} - {twin} |",
         "|---|---|---:|" + "---:|" * (len(columns) + 1),
@@ -188,6 +188,42 @@ def budget_table(rows: list[RunRow]) -> list[str]:
         if r.twin_shared_from:
             scores[columns.index(twin)] += f" (twin of {r.twin_shared_from})"
         lines.append(f"| {r.method} | {achieved} | {_params(r)} | {' | '.join(scores)} | {gap} |")
+    return lines
+
+
+def shown_kinds(rows: list[RunRow]) -> list[str]:
+    """Score columns: every kind but the parent (it heads the report), the kinds trained only when asked
+    (recovery kinds) only where some run measured them."""
+    return [
+        kind.name
+        for kind in kinds.all_kinds()
+        if kind.making is not kinds.Making.LOADED
+        and (not kind.trained or kind.default_run or any(r.score(kind.name) is not None for r in rows))
+    ]
+
+
+def recovery_lines(rows: list[RunRow]) -> list[str]:
+    """Every trained kind of each run side by side on one budget, against the random-init twin: what each
+    recovery (plain, distillation, LoRA; from the pruned weights or from random init) reaches."""
+    trained = [k for k in kinds.all_kinds() if k.trained and any(r.score(k.name) is not None for r in rows)]
+    if not any(k.recovery for k in trained):
+        return []
+    twin = kinds.comparison()[1].name
+    lines = [
+        f"| run | tokens | kind | starts from | recovery | perplexity | minus {twin} |",
+        "|---|---:|---|---|---|---:|---:|",
+    ]
+    for r in sorted(rows, key=lambda r: (r.budget or 0, r.run)):
+        for kind in trained:
+            score, base = r.score(kind.name), r.score(twin)
+            if score is None:
+                continue
+            start = "pruned weights" if kind.making is kinds.Making.FROM_PRUNED else "random init"
+            diff = "-" if base is None or kind.name == twin else f"{score - base:.2f}"
+            budget = f"{r.budget:,}" if r.budget else "-"
+            lines.append(
+                f"| {r.run} | {budget} | {kind.name} | {start} | {kind.recovery or 'plain'} | {score:.2f} | {diff} |"
+            )
     return lines
 
 
@@ -208,6 +244,9 @@ def render_markdown(rows: list[RunRow], plots: list[str]) -> str:
     finding = finding_lines(rows)
     if finding:
         out += ["", "## Pruned vs random init, per budget", "", *finding]
+    recovery = recovery_lines(rows)
+    if recovery:
+        out += ["", "## Recovery side by side (same tokens)", "", *recovery]
     for budget in sorted({r.budget for r in rows}, key=lambda b: (b is None, b or 0)):
         title = f"{budget:,} training tokens" if budget else "no training"
         out += ["", f"## {title}", "", *budget_table([r for r in rows if r.budget == budget])]

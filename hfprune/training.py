@@ -48,7 +48,7 @@ from hfprune.sharding import (
     trained_model_for_eval,
     twin_for_training,
 )
-from hfprune.trainer import PruneTrainer
+from hfprune.trainer import PruneTrainer, TrainLoss
 
 
 __all__ = [
@@ -223,8 +223,12 @@ def train_model(
     work_dir: Path,
     masks: Mapping[str, KeepMask] | None = None,
     callbacks: list[TrainerCallback] | None = None,
+    train_loss: TrainLoss | None = None,
 ) -> tuple[PruneTrainer, TrainOutcome]:
-    """Train `model` on `spec.token_budget` tokens, resuming from `work_dir` when a checkpoint is there."""
+    """Train `model` on `spec.token_budget` tokens, resuming from `work_dir` when a checkpoint is there.
+
+    `train_loss` replaces the model's loss on training micro-batches (`PruneTrainer(train_loss=...)`,
+    e.g. `hfprune.recovery.distill.DistillationLoss`); token accounting is unchanged by it."""
     limit = getattr(model.config, "max_position_embeddings", None)
     if limit is not None and spec.seq_len > limit:
         raise TrainingSetupError(
@@ -251,6 +255,7 @@ def train_model(
         token_budget=spec.token_budget,
         masks=masks,
         callbacks=[CheckpointCompleteCallback(), DataExhaustedGuard(), *(callbacks or [])],
+        train_loss=train_loss,
     )
     start = time.perf_counter()
     if resume:
@@ -270,13 +275,23 @@ def train_model(
     return trainer, outcome
 
 
-def save_trained(trainer: PruneTrainer, tokenizer: Any, outcome: TrainOutcome, folder: Path) -> None:
+def save_trained(
+    trainer: PruneTrainer,
+    tokenizer: Any,
+    outcome: TrainOutcome,
+    folder: Path,
+    model: PreTrainedModel | None = None,
+) -> None:
     """Write the trained model (gathered from every process), tokenizer and training report into `folder`.
 
     Every process must call this (FSDP and DeepSpeed gather shards collectively); only the main process
-    writes files.
+    writes files. `model`, when given, is saved instead of the Trainer's (a LoRA model merged into a
+    plain one: a plain checkpoint, no adapter files).
     """
-    trainer.save_model(str(folder))
+    if model is None:
+        trainer.save_model(str(folder))
+    elif trainer.args.should_save:
+        model.save_pretrained(folder)
     if trainer.args.should_save:
         tokenizer.save_pretrained(folder)
         (folder / "training_report.json").write_text(json.dumps(outcome.to_dict(), indent=2) + "\n")

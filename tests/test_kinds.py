@@ -1,4 +1,4 @@
-"""The model-kind registry: a kind registered once (here a throwaway `distilled` kind, made like the
+"""The model-kind registry: a kind registered once (here a throwaway `polished` kind, made like the
 continued model and carded with its template) reaches the recipe, metrics table, cards, Hub repos and
 report without any other code knowing its name."""
 
@@ -22,22 +22,22 @@ TRAIN = "train:\n  token_budget: 256\n  seq_len: 32\npush: {repo_prefix: org/tin
 
 
 @pytest.fixture
-def distilled():
+def polished():
     kind = kinds.register(
         kinds.ModelKind(
-            "distilled",
+            "polished",
             kinds.Making.FROM_PRUNED,
-            "the pruned model distilled from the parent",
-            repo_suffix="-distilled",
+            "the pruned model polished from the parent",
+            repo_suffix="-polished",
             card_template="continued",
-            tags=("distilled",),
+            tags=("polished",),
             has_base_model=True,
             published_by_default=True,
         )
     )
     yield kind
     kinds.unregister(kind.name)
-    assert "distilled" not in kinds.names()
+    assert "polished" not in kinds.names()
 
 
 def scores(ppl: float) -> dict:
@@ -54,96 +54,96 @@ METRICS = {
 
 
 def test_the_registry_describes_the_four_built_in_kinds():
-    assert kinds.names() == ["parent", "pruned", "continued", "scratch"]
-    assert kinds.trained_names() == kinds.default_runs() == ["continued", "scratch"]
-    assert [k.name for k in kinds.carded()] == ["pruned", "continued", "scratch"]
+    assert kinds.names()[:4] == ["parent", "pruned", "continued", "scratch"]
+    assert kinds.default_runs() == ["continued", "scratch"]
+    assert [k.name for k in kinds.carded()][:3] == ["pruned", "continued", "scratch"]
     assert [k.name for k in kinds.comparison()] == ["continued", "scratch"]
     assert kinds.get("parent").folder is None and kinds.get("scratch").folder == "scratch"
     with pytest.raises(kinds.UnknownKindError, match="known kinds: parent, pruned, continued, scratch"):
-        kinds.get("lora")
+        kinds.get("finetuned")
     with pytest.raises(ValueError, match="already registered"):
         kinds.register(kinds.get("pruned"))
 
 
-def test_a_registered_kind_is_a_valid_run_and_nothing_else_is(write_recipe, distilled):
-    recipe = load_recipe(write_recipe(TRAIN), ["train.runs=[continued,distilled]"])
-    assert recipe.train.runs == ["continued", "distilled"]
+def test_a_registered_kind_is_a_valid_run_and_nothing_else_is(write_recipe, polished):
+    recipe = load_recipe(write_recipe(TRAIN), ["train.runs=[continued,polished]"])
+    assert recipe.train.runs == ["continued", "polished"]
     assert load_recipe(write_recipe(TRAIN)).train.runs == ["continued", "scratch"]  # not a default run
-    with pytest.raises(RecipeError, match="unknown run 'lora'; allowed: continued, scratch, distilled"):
-        load_recipe(write_recipe(TRAIN), ["train.runs=[lora]"])
+    with pytest.raises(RecipeError, match="unknown run 'finetuned'; allowed: continued, scratch, "):
+        load_recipe(write_recipe(TRAIN), ["train.runs=[finetuned]"])
 
 
-def test_a_registered_kind_gets_its_stages_in_run_order(write_recipe, distilled):
-    recipe = load_recipe(write_recipe(TRAIN), ["train.runs=[distilled,scratch]", "push.enabled=true"])
+def test_a_registered_kind_gets_its_stages_in_run_order(write_recipe, polished):
+    recipe = load_recipe(write_recipe(TRAIN), ["train.runs=[polished,scratch]", "push.enabled=true"])
     stages = pipeline.Pipeline(recipe).stages()
     assert stages == (
         "parent_eval",
         "prune",
         "pruned_eval",
-        "train_distilled",
-        "distilled_eval",
+        "train_polished",
+        "polished_eval",
         "train_scratch",
         "scratch_eval",
         "card",
         "push",
     )
     plan = pipeline.describe_plan(recipe)
-    assert plan["stages"]["train_distilled"] == "will run"
+    assert plan["stages"]["train_polished"] == "will run"
 
 
-def test_a_registered_kind_is_a_metrics_column_a_repo_and_a_card(write_recipe, distilled):
-    metrics = {**METRICS, "distilled": {**scores(18.0), "tokens_trained": 256}}
+def test_a_registered_kind_is_a_metrics_column_a_repo_and_a_card(write_recipe, polished):
+    metrics = {**METRICS, "polished": {**scores(18.0), "tokens_trained": 256}}
     header = format_metrics_table(metrics).splitlines()[0].split()
-    assert header[:6] == ["perplexity", "parent", "pruned", "continued", "scratch", "distilled"]
-    assert repo_id_for("org/run", "distilled") == "org/run-distilled"
-    available = ["pruned", "continued", "scratch", "distilled"]
-    assert published_kinds(False, available) == ["continued", "scratch", "distilled"]
-    assert published_kinds(True, available) == ["continued", "scratch", "distilled", "pruned"]
+    assert header[:6] == ["perplexity", "parent", "pruned", "continued", "scratch", "polished"]
+    assert repo_id_for("org/run", "polished") == "org/run-polished"
+    available = ["pruned", "continued", "scratch", "polished"]
+    assert published_kinds(False, available) == ["continued", "scratch", "polished"]
+    assert published_kinds(True, available) == ["continued", "scratch", "polished", "pruned"]
 
-    overrides = ["train.runs=[continued,scratch,distilled]", "parent.hub_id=org/tiny-parent"]
+    overrides = ["train.runs=[continued,scratch,polished]", "parent.hub_id=org/tiny-parent"]
     recipe = load_recipe(write_recipe(TRAIN), overrides)
     pipeline.run(recipe, stop_after="prune")
     report = json.loads((recipe.output_path / "models/pruned/prune_report.json").read_text())
     training = {"token_budget": 256, "tokens_trained": 256, "tokens_per_step": 128, "steps": 2}
-    card = str(render_card("distilled", recipe, report, metrics, None, "cmd", training))
+    card = str(render_card("polished", recipe, report, metrics, None, "cmd", training))
     front = yaml.safe_load(card.split("---")[1])
     assert front["base_model"] == "org/tiny-parent"
-    assert "distilled" in front["tags"] and ModelCard(card).data.model_name == "tiny-run-distilled"
+    assert "polished" in front["tags"] and ModelCard(card).data.model_name == "tiny-run-polished"
     assert (
-        "| metric | protocol | parent | pruned | continued | scratch | **distilled** (this model) |" in card
+        "| metric | protocol | parent | pruned | continued | scratch | **polished** (this model) |" in card
     )
     assert "| perplexity (pydoc) | 8 x 64 tokens | 11.00 | 55.00 | 22.00 | 33.00 | 18.00 |" in card
-    assert "and `distilled` the pruned model distilled from the parent." in card
-    assert "[org/tiny-run-distilled]" in str(
+    assert "and `polished` the pruned model polished from the parent." in card
+    assert "[org/tiny-run-polished]" in str(
         render_card("continued", recipe, report, metrics, None, "c", training)
     )
 
 
-def test_a_registered_kind_is_a_report_column(tmp_path, distilled):
+def test_a_registered_kind_is_a_report_column(tmp_path, polished):
     folder = tmp_path / "run"
     (folder / "models" / "pruned").mkdir(parents=True)
     recipe = {"prune": {"method": "shortgpt", "ratio": 0.5}, "eval": {"perplexity": [{"name": "pydoc"}]}}
     (folder / "recipe.yaml").write_text(yaml.safe_dump({**recipe, "train": {"token_budget": 256}}))
-    metrics = {**METRICS, "distilled": {**scores(18.0), "curve": [{"tokens": 0, "perplexity": 60.0}]}}
+    metrics = {**METRICS, "polished": {**scores(18.0), "curve": [{"tokens": 0, "perplexity": 60.0}]}}
     (folder / "metrics.json").write_text(json.dumps(metrics))
     data = write_report(tmp_path)
-    assert data["rows"][0]["distilled"] == 18.0 and data["rows"][0]["gap"] == 22.0 - 33.0
-    assert set(data["rows"][0]["curves"]) == {"distilled"}
+    assert data["rows"][0]["polished"] == 18.0 and data["rows"][0]["gap"] == 22.0 - 33.0
+    assert set(data["rows"][0]["curves"]) == {"polished"}
     text = (tmp_path / "report.md").read_text()
-    assert "| pruned | continued | scratch | distilled | continued - scratch |" in text
+    assert "| pruned | continued | scratch | polished | continued - scratch |" in text
     assert "| 55.00 | 22.00 | 33.00 | 18.00 | -11.00 |" in text
 
 
-def test_a_registered_trained_kind_runs_through_the_pipeline(write_recipe, distilled):
+def test_a_registered_trained_kind_runs_through_the_pipeline(write_recipe, polished):
     """Made like `continued` (trained from the pruned weights), with nothing but the registry entry."""
-    extra = "train:\n  token_budget: 256\n  seq_len: 32\n  runs: [distilled]\n  args: {per_device_train_batch_size: 4}\n"
+    extra = "train:\n  token_budget: 256\n  seq_len: 32\n  runs: [polished]\n  args: {per_device_train_batch_size: 4}\n"
     recipe = load_recipe(write_recipe(extra))
     summary = pipeline.run(recipe)
-    assert [o.stage for o in summary.outcomes if o.ran][3:] == ["train_distilled", "distilled_eval", "card"]
-    entry = summary.metrics["distilled"]
+    assert [o.stage for o in summary.outcomes if o.ran][3:] == ["train_polished", "polished_eval", "card"]
+    entry = summary.metrics["polished"]
     assert entry["tokens_trained"] >= 256 and "pydoc" in entry["perplexity"]
-    folder = recipe.output_path / "models" / "distilled"
+    folder = recipe.output_path / "models" / "polished"
     assert (folder / "model.safetensors").is_file() and (folder / "training_report.json").is_file()
     card = ModelCard.load(folder / "README.md")
-    assert "distilled" in card.data.tags and "**distilled** (this model)" in card.text
+    assert "polished" in card.data.tags and "**polished** (this model)" in card.text
     assert not any(o.ran for o in pipeline.run(recipe).outcomes)  # a rerun finds it all current

@@ -4,11 +4,23 @@ A kind made from the pruned weights starts from `models/pruned/` as saved; a kin
 twin starts from a freshly initialised model of the same shape (and masks), unless the twin provider
 has an identical finished twin to publish instead. Training itself is `hfprune.training`; this stage
 runs on every process under torchrun (the Trainer is collective) and only the main process writes.
+
+The kind's `recovery` (`hfprune.kinds.Recovery`) decides what is trained, on the same budget, tokens,
+masks and resume as plain training:
+
+- distill: the loss is `hfprune.recovery.distill.DistillationLoss` against the parent, taken from the
+  parent provider (a sweep shares one), frozen, in the training dtype on the student's device. The
+  Trainer counts tokens from the batch before the loss runs, so the teacher's forward never counts.
+- lora: `wrap_lora` adds adapters restricted by the sparsity masks before training (and again on
+  resume: checkpoints hold the adapters); after training `merge_lora` folds them in, and the merged plain
+  model is saved (no adapter files), so every masked weight stays exactly zero.
 """
 
 from __future__ import annotations
 
+import copy
 import shutil
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 from transformers import AutoTokenizer
@@ -36,6 +48,7 @@ if TYPE_CHECKING:
 
 def run(ctx: Context, kind: str) -> None:
     spec, ws = ctx.recipe.train, ctx.workspace
+    recovery = kinds.get(kind).recovery
     from_twin = kinds.get(kind).making is kinds.Making.FROM_TWIN
     if from_twin and ctx.providers.twins.take(ctx, kind):
         return
@@ -50,6 +63,11 @@ def run(ctx: Context, kind: str) -> None:
         )
     else:
         model = load_for_training(ws.pruned_dir, spec.args)
+    keep = {name: mask.unpack() for name, mask in masks.items()} if masks else None
+    if recovery is kinds.Recovery.LORA:
+        from hfprune.recovery.lora import wrap_lora
+
+        model = wrap_lora(model, spec.lora, masks=keep)
     work_dir = training_work_dir(ws.train_dir(kind), ctx.fingerprint(f"train_{kind}"))
     trainer, outcome = train_model(
         model,
@@ -60,23 +78,55 @@ def run(ctx: Context, kind: str) -> None:
         work_dir=work_dir,
         masks=masks,
         callbacks=curve_callbacks(ctx, tokenizer),
+        train_loss=distillation_loss(ctx) if recovery is kinds.Recovery.DISTILL else None,
     )
+    merged = None
+    if recovery is kinds.Recovery.LORA:
+        from hfprune.recovery.lora import merge_lora
+
+        merged = merge_lora(trainer.accelerator.unwrap_model(trainer.model), keep)
     with distributed_staging_dir(ws.model_dir(kind)) as staging:
-        save_trained(trainer, tokenizer, outcome, staging)
+        save_trained(trainer, tokenizer, outcome, staging, model=merged)
         if masks is not None and distributed.is_main_process():
             shutil.copyfile(ws.masks_path, staging / MASKS_FILE)
     if distributed.is_main_process():
-        trained: dict[str, Any] = {"tokens_trained": outcome.tokens_trained, "training": outcome.to_dict()}
-        if ctx.recipe.eval.every_tokens:
-            trained["curve"] = learning_curve(trainer)
-        ws.metrics.update(kind, replace=True, **trained)  # earlier scores belong to an earlier model
+        record_training(ctx, kind, trainer, outcome)
         # The trained model is published; its checkpoints (weights plus optimizer state, about four
         # times the model) only served resuming this stage, and a sweep would pile them up.
         shutil.rmtree(work_dir, ignore_errors=True)
     # Collective when the model is sharded: every process gathers, rank 0 keeps a whole copy to evaluate.
-    evaluable = trained_model_for_eval(trainer)
+    evaluable = merged if merged is not None else trained_model_for_eval(trainer)
     if evaluable is not None:
         ctx.models[kind] = evaluable
+
+
+def record_training(ctx: Context, kind: str, trainer: Any, outcome: Any) -> None:
+    """The kind's training in metrics.json (its recovery settings too), replacing earlier scores."""
+    spec = ctx.recipe.train
+    trained: dict[str, Any] = {"tokens_trained": outcome.tokens_trained, "training": outcome.to_dict()}
+    recovery = kinds.get(kind).recovery
+    if recovery is not None:
+        settings = getattr(spec, str(recovery))
+        trained["recovery"] = {"kind": str(recovery), **settings.model_dump(mode="json")}
+    if ctx.recipe.eval.every_tokens:
+        trained["curve"] = learning_curve(trainer)
+    ctx.workspace.metrics.update(kind, replace=True, **trained)  # earlier scores belong to an earlier model
+
+
+def distillation_loss(ctx: Context) -> Any:
+    """The loss of a distilling kind: the parent (from the provider, so a sweep loads it once) as the
+    teacher, run frozen in the training dtype (bf16/fp16 when `train.args` asks for it)."""
+    from hfprune.recovery.distill import DistillationLoss, training_dtype
+
+    spec = ctx.recipe.train
+    args = SimpleNamespace(bf16=bool(spec.args.get("bf16")), fp16=bool(spec.args.get("fp16")))
+    dtype = training_dtype(args)
+    teacher = ctx.providers.parent.get(ctx.recipe).model
+    if dtype is not None and teacher.dtype != dtype:
+        # DistillationLoss casts its teacher in place; a shared parent must keep its precision for the
+        # pruning of later runs, so the teacher is a copy when its dtype would change.
+        teacher = copy.deepcopy(teacher)
+    return DistillationLoss(teacher, spec.distill, dtype=dtype)
 
 
 def curve_callbacks(ctx: Context, tokenizer: Any) -> list[HeldOutCurveCallback]:
