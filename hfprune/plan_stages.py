@@ -108,7 +108,7 @@ def train_stage(run: str, shape: Shape, train: Any, processes: int, sparse: bool
             ),
             Knob("device", "train.seq_len", s, ("activations", "logits and loss")),
         ),
-        fallback=_train_fallback(checkpointing),
+        fallback=_train_fallback(checkpointing, bool(args.get("fsdp") or args.get("deepspeed"))),
     )
 
 
@@ -123,13 +123,15 @@ def _train_host(run: str, shape: Shape, processes: int, sparse: bool) -> tuple[T
     return (baseline(), Term("model loaded per process", per_process * processes, formula, device_only=True))
 
 
-def _train_fallback(checkpointing: bool) -> dict[str, tuple[str, str]]:
+def _train_fallback(checkpointing: bool, sharding: bool) -> dict[str, tuple[str, str]]:
     if not checkpointing:
         device = ("train.args.gradient_checkpointing", "set train.args.gradient_checkpointing: true")
-    else:
+    elif sharding:
         device = (
-            "train.args.fsdp",
-            "shard weights and optimizer states: train.args.fsdp with more processes",
+            "torchrun --nproc_per_node",
+            "the recipe shards weights and optimizer states: run it under torchrun with more processes",
         )
+    else:
+        device = ("train.args.fsdp", "shard weights and optimizer states: train.args.fsdp under torchrun")
     host = ("torchrun --nproc_per_node", "each process loads the model in fp32: fewer processes per node")
     return {"device": device, "host": host}

@@ -138,6 +138,11 @@ def test_llama_8b_training_by_hand():
     assert stage.flops == 4 * 52_428_800_000 * forward
     assert stage.time_class == "days"
     assert {t.name: t.bytes for t in stage.terms("host")}["model loaded per process"] == 8 * p * 4
+    # On one device nothing is sharded: 16 B per parameter alone (67.7 GiB) plus the rest exceed 73.5 GiB.
+    alone = plan_recipe(recipe, AutoConfig.from_pretrained(LLAMA_8B), H100)
+    found = problems(alone)
+    assert [key for key, _ in found] == ["torchrun --nproc_per_node"] * 2  # continued and scratch
+    assert found[0][1].startswith("train_continued needs 108.5 GiB of device memory, 73.5 GiB usable")
 
 
 def test_a_stage_that_does_not_fit_names_the_knob_and_how_far_to_turn_it():
