@@ -1,7 +1,8 @@
 """The network seam: every byte hfprune reads from or writes to the Hub passes through here.
 
 `load_parent` turns a `parent` spec (Hub repo id or local directory, optionally a GGUF file inside
-it) into an ordinary float `LlamaForCausalLM` and its tokenizer. Weights load from safetensors only;
+it) into an ordinary float `LlamaForCausalLM` and its tokenizer, with a sparse parent's masks
+(`hfprune.parent_masks`). Weights load from safetensors only;
 remote code runs only when the recipe asks for it.
 
 `push_folder` publishes one model folder (the last stage, and `hfprune push`): create the repo if
@@ -11,6 +12,7 @@ missing, upload as one commit, retry with backoff. Tokens come from the environm
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import time
@@ -44,6 +46,7 @@ class ParentLoadError(RunFailure, RuntimeError):
 class Parent:
     model: PreTrainedModel
     tokenizer: Any
+    masks: dict[str, torch.Tensor] | None = None  # a sparse parent's keep-masks (`hfprune.parent_masks`)
 
 
 def _source_kwargs(spec: Any) -> dict[str, Any]:
@@ -98,11 +101,31 @@ def _load(what: str, spec: Any, loader: Any, **extra: Any) -> Any:
         ) from None
 
 
+_CONFIGS: dict[tuple, PretrainedConfig] = {}
+
+
 def load_parent_config(spec: Any) -> PretrainedConfig:
-    """The parent's config only (no weights): enough for plans and dry runs."""
-    config = _load("config", spec, AutoConfig.from_pretrained)
-    check_supported(config)
-    return config
+    """The parent's config only (no weights): enough for plans and dry runs.
+
+    Read once per process for each parent spec (a GGUF header is a full parse of the file, and a sweep's
+    preflight and dry run ask for every cell) and again when its local files change; each caller gets
+    its own copy, free to change.
+    """
+    key = _config_key(spec)
+    if key not in _CONFIGS:
+        config = _load("config", spec, AutoConfig.from_pretrained)
+        check_supported(config)
+        _CONFIGS[key] = config
+    return copy.deepcopy(_CONFIGS[key])
+
+
+def _config_key(spec: Any) -> tuple:
+    """The spec, and the size and time of the local files the config is read from."""
+    described = spec.model_dump_json() if hasattr(spec, "model_dump_json") else repr(spec)
+    folder = Path(spec.model).expanduser()
+    files = [folder / name for name in ("config.json", spec.gguf_file) if name]
+    stats = tuple((f.stat().st_mtime_ns, f.stat().st_size) for f in files if f.is_file())
+    return (described, stats)
 
 
 def load_parent(spec: Any) -> Parent:
@@ -119,7 +142,9 @@ def load_parent(spec: Any) -> Parent:
     model.eval()
     place(model, device, stage=f"parent {spec.model}")
     logger.info("loaded parent %s (%s layers)", spec.model, model.config.num_hidden_layers)
-    return Parent(model=model, tokenizer=tokenizer)
+    from hfprune.parent_masks import load_parent_masks  # its pruner types import this module
+
+    return Parent(model=model, tokenizer=tokenizer, masks=load_parent_masks(spec, model))
 
 
 def _plain_copy(model: PreTrainedModel) -> PreTrainedModel:

@@ -112,12 +112,13 @@ def distributed_staging_dir(target: Path) -> Iterator[Path]:
         raise
 
 
-def remove_stale_temporaries(out_dir: Path) -> list[Path]:
+def remove_stale_temporaries(out_dir: Path, *, recursive: bool = True) -> list[Path]:
     """Remove the temporaries of writes that a killed run left in `out_dir`; returns what was removed.
 
     Only this module's temporaries are touched, recognised by name. A `.<name>.old-<pid>` whose
     `<name>` is missing (killed between the two renames of `replace_dir`) is the last published
-    version: it is renamed back instead. Call it at run start, holding `output_lock`.
+    version: it is renamed back instead. Call it at run start, holding `output_lock`; without
+    `recursive`, only `out_dir`'s own entries (a sweep folder, whose cells have locks of their own).
     """
     removed: list[Path] = []
     for folder, dirnames, filenames in os.walk(out_dir):
@@ -138,6 +139,8 @@ def remove_stale_temporaries(out_dir: Path) -> list[Path]:
             else:
                 path.unlink(missing_ok=True)
             removed.append(path)
+        if not recursive:
+            break  # os.walk yields `out_dir` itself first
     return removed
 
 

@@ -23,9 +23,11 @@ from typing import Any
 
 from hfprune import distributed, kinds
 from hfprune.architectures.base import SHAPE_KEYS
+from hfprune.failures import translate_oom
 from hfprune.hub import PushResult, load_parent_config
 from hfprune.kinds import Making, ModelKind
 from hfprune.modeling import count_config_parameters
+from hfprune.plan_check import plan_summary
 from hfprune.providers import Providers
 from hfprune.recipe import Recipe
 from hfprune.stages import evaluate, prune, train
@@ -189,7 +191,8 @@ class Pipeline:
             return StageOutcome(stage, ran=False)
         if distributed.is_main_process() or ctx.table[stage].all_ranks:
             logger.info("stage %s: running", stage)
-            ctx.table[stage].action(ctx)
+            with translate_oom(stage):  # out of memory: one line naming the stage and its knobs
+                ctx.table[stage].action(ctx)
         if distributed.is_main_process():
             ws.write_recipe(ctx.recipe.to_yaml())
             ws.ledger.record(stage, fingerprint)
@@ -216,9 +219,10 @@ def render_cards(recipe: Recipe) -> list[Path]:
 
 
 def describe_plan(
-    recipe: Recipe, stop_after: str | None = None, pipeline: Pipeline | None = None
+    recipe: Recipe, stop_after: str | None = None, pipeline: Pipeline | None = None, plan: Any = None
 ) -> dict[str, Any]:
-    """What a run would do, from configs only: stages (and whether they would run), paths, shapes."""
+    """What a run would do, from configs only: stages (and whether they would run), paths, shapes, and
+    with `plan` (`hfprune.plan.Plan`, made by preflight) per stage peak device and host memory and time."""
     pipeline = pipeline or Pipeline(recipe)
     ws = pipeline.workspace
     config = load_parent_config(recipe.parent)
@@ -238,4 +242,5 @@ def describe_plan(
             kinds.PRUNED.name: shape.params_after.to_dict(),
         },
         "ratio": {"requested": recipe.prune.ratio, "achieved": round(shape.ratio_achieved, 6)},
+        **({"plan": plan_summary(plan)} if plan is not None else {}),
     }

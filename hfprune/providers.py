@@ -21,6 +21,7 @@ import torch
 from transformers import PreTrainedModel
 
 from hfprune.data import calibration_tokens
+from hfprune.failures import translate_oom
 from hfprune.hub import Parent, load_parent
 from hfprune.pruners import Pruner
 from hfprune.recipe import Recipe
@@ -88,7 +89,8 @@ class LoadedParent:
 
     def get(self, recipe: Recipe) -> Parent:
         if self._parent is None:
-            self._parent = load_parent(recipe.parent)
+            with translate_oom("parent load"):  # within the stage that first needs it: its own knob
+                self._parent = load_parent(recipe.parent)
         return self._parent
 
     def model_to_prune(self, parent: Parent) -> PreTrainedModel:

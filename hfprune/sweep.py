@@ -40,9 +40,10 @@ import torch
 from transformers import PreTrainedModel
 
 from hfprune import distributed, kinds
+from hfprune.failures import translate_oom
 from hfprune.grid import Cell, Sweep, SweepError, load_sweep
 from hfprune.hub import Parent
-from hfprune.outputs import atomic_dir, read_json
+from hfprune.outputs import atomic_dir, output_lock, read_json, remove_stale_temporaries
 from hfprune.pipeline import Pipeline, context_for, making_stage
 from hfprune.providers import FreshScores, LoadedParent, Providers, Scores, files_hash, link_tree, scores_for
 from hfprune.pruners import Pruner
@@ -66,7 +67,8 @@ class SharedParent(LoadedParent):
     """One parent for every cell (they all have the base recipe's parent section); each prunes a copy."""
 
     def model_to_prune(self, parent: Parent) -> PreTrainedModel:
-        return copy.deepcopy(parent.model)
+        with translate_oom("parent copy"):  # a second copy of the parent: its dtype is the knob
+            return copy.deepcopy(parent.model)
 
 
 class SharedScores(FreshScores):
@@ -92,7 +94,8 @@ class SharedScores(FreshScores):
         )
         if key not in self._scores:
             ratios = sorted({c.ratio for c in self.sweep.cells if c.recipe.prune.method == method})
-            self._scores[key] = scores_for(pruner, model, calibration, ratios, recipe, shared=True)
+            with translate_oom("calibration scores shared by the sweep"):
+                self._scores[key] = scores_for(pruner, model, calibration, ratios, recipe, shared=True)
         return self._scores[key]
 
 
@@ -239,8 +242,17 @@ def run_sweep(sweep: Sweep, only: Iterable[str] = (), *, force: bool = False) ->
         outcome = pipeline.execute()
         (summary.ran if any(o.ran for o in outcome.outcomes) else summary.up_to_date).append(cell.id)
     if distributed.is_main_process():
-        summary.report = write_report(sweep.output_path)
+        summary.report = _locked_report(sweep.output_path)
     distributed.barrier()
     for cell in cells:
         Pipeline(cell.recipe, providers=shared.providers(cell), only=PUBLISHING).execute()
     return summary
+
+
+def _locked_report(folder: Path) -> dict[str, Any]:
+    """Write the sweep's report holding the sweep folder's lock (each cell's folder has its own, taken by
+    its `Pipeline`), so two sweeps fanned out over one folder never write the report at once. Only the
+    report's own leftovers are cleared: the cells below may be running in other processes."""
+    with output_lock(folder):
+        remove_stale_temporaries(folder, recursive=False)
+        return write_report(folder)

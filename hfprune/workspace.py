@@ -21,8 +21,15 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from hfprune import kinds
-from hfprune.outputs import StageLedger, read_json, write_json, write_text
+from hfprune import distributed, kinds
+from hfprune.outputs import (
+    StageLedger,
+    output_lock,
+    read_json,
+    remove_stale_temporaries,
+    write_json,
+    write_text,
+)
 
 
 MASKS_FILE = "sparsity_masks.safetensors"
@@ -82,10 +89,17 @@ class Workspace:
     def session(self) -> Iterator[Workspace]:
         """Where a run starts and ends: every run (single, sweep cell, `hfprune push`) opens its folder here.
 
-        Opening creates nothing, so a run that fails before its first stage leaves no folder behind.
+        The folder's lock (`output_lock`) is held until the run ends, so a second run on it fails at once
+        naming this one; holding it, the main process removes what a killed run left half-written (no
+        other process can be writing them). Under torchrun only the main process locks and cleans; the
+        others meet it at the pipeline's first barrier. Opening creates nothing that outlives a run that
+        wrote nothing, so a run that fails before its first stage leaves no folder behind.
         """
-        self.ledger.reload()
-        yield self
+        with output_lock(self.root):
+            if distributed.is_main_process() and self.root.is_dir():
+                remove_stale_temporaries(self.root)
+            self.ledger.reload()
+            yield self
 
     # -- paths ---------------------------------------------------------------------------------
     @property

@@ -5,6 +5,7 @@ writer per output folder, stale temporaries, and run-time failures that must be 
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import logging
 import multiprocessing
@@ -408,3 +409,78 @@ def test_output_dir_that_is_a_file(tmp_path):
         ):
             write()
     assert taken.read_text() == "a file"
+
+
+# -- the pipeline takes the lock, clears what a kill left, and names the stage that ran out of memory --
+def test_a_second_run_on_the_folder_fails_at_once_naming_the_holder(write_recipe):
+    path = write_recipe()
+    out = load_recipe(path).output_path
+    fork = multiprocessing.get_context("fork")
+    held, release = fork.Event(), fork.Event()
+    holder = fork.Process(target=_hold_lock, args=(out, held, release))
+    holder.start()
+    try:
+        assert held.wait(timeout=60)
+        result = cli("run", str(path))
+        assert_one_line_failure(result, f"output folder {out} is in use by process {holder.pid}")
+        assert not (out / "models").exists() and not (out / "metrics.json").exists()  # no stage ran
+    finally:
+        release.set()
+        holder.join()
+    assert cli("prune", str(path)).exit_code == 0  # released: the next run proceeds
+
+
+def test_a_sweep_locks_its_folder_while_writing_the_report(tmp_path, monkeypatch):
+    from hfprune import sweep
+
+    seen = []
+    monkeypatch.setattr(
+        sweep, "write_report", lambda folder: seen.append((folder / LOCK_FILE).is_file()) or {}
+    )
+    (tmp_path / ".report.json.tmp-1").write_text("{")
+    (tmp_path / "cell" / ".metrics.json.tmp-2").parent.mkdir()
+    (tmp_path / "cell" / ".metrics.json.tmp-2").write_text("{")  # another process's cell: left alone
+    assert sweep._locked_report(tmp_path) == {} and seen == [True]
+    assert not (tmp_path / ".report.json.tmp-1").exists() and (tmp_path / "cell/.metrics.json.tmp-2").exists()
+
+
+def test_the_next_run_removes_what_a_kill_left_and_keeps_finished_stages(write_recipe):
+    path = write_recipe()
+    recipe = load_recipe(path)
+    pipeline.run(recipe, stop_after="prune")
+    models = recipe.output_path / "models"
+    (models / ".pruned.tmp-4242-deadbeef").mkdir()  # a save cut short by a kill
+    (models / ".pruned.tmp-4242-deadbeef" / "model.safetensors").write_bytes(b"half")
+    summary = pipeline.run(recipe, stop_after="prune")
+    assert not any(o.ran for o in summary.outcomes)
+    assert sorted(p.name for p in models.iterdir()) == ["pruned"]
+
+
+def test_out_of_memory_in_a_stage_is_one_line_naming_it(write_recipe, monkeypatch):
+    from hfprune.stages import prune
+
+    def oom(*_args, **_kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.00 GiB.")
+
+    monkeypatch.setattr(prune, "prune_model", oom)
+    result = cli("prune", str(write_recipe()))
+    assert_one_line_failure(
+        result, "out of memory in stage prune (tried to allocate 3.00 GiB)", "calibration.batch_size"
+    )
+
+
+def test_placement_does_not_make_finished_stages_stale(write_recipe):
+    """`parent.device` is where work runs, not what it computes: a folder made with `auto` (or before the
+    key existed) is current with `cpu`."""
+    path = write_recipe()
+    made = load_recipe(path)
+    assert made.parent.device == "auto"
+    pipeline.run(made, stop_after="prune")
+    moved = load_recipe(path, ["parent.device=cpu"])
+    assert set(pipeline.Pipeline(moved).status("prune").values()) == {"up to date"}
+    assert not any(o.ran for o in pipeline.run(moved, stop_after="prune").outcomes)
+    before_the_key = made.model_dump(mode="json")["parent"]
+    before_the_key.pop("device")
+    old = hashlib.sha256(json.dumps({"parent": before_the_key}, sort_keys=True).encode()).hexdigest()[:16]
+    assert made.fingerprint("parent") == old
+    assert made.fingerprint("parent") != load_recipe(path, ["parent.dtype=bfloat16"]).fingerprint("parent")

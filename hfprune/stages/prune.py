@@ -14,12 +14,16 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from hfprune import __version__, kinds
+from hfprune.architectures import architecture_of
 from hfprune.architectures.base import SHAPE_KEYS
 from hfprune.cards import render_pruned_card
 from hfprune.hub import Parent, parent_license
 from hfprune.modeling import ParamCount, count_parameters
 from hfprune.outputs import atomic_dir, write_json, write_text
+from hfprune.placement import log_stage
+from hfprune.parent_masks import carry_parent_masks
 from hfprune.pruners import PruneResult
+from hfprune.pruners.base import Granularity
 from hfprune.workspace import MASKS_FILE
 
 
@@ -32,6 +36,8 @@ def run(ctx: Context) -> None:
     if ctx.providers.donors.link_model(ctx, "prune", kind):
         return
     parent = ctx.providers.parent.get(ctx.recipe)
+    # Calibration and surgery run where the parent was placed (`hfprune.placement`, on loading).
+    log_stage("prune", parent.model)
     parent_config = parent.model.config.to_dict()
     before = count_parameters(parent.model)
     result = prune_model(ctx, parent)  # may consume the parent's model: parent_eval runs first
@@ -65,6 +71,8 @@ def prune_model(ctx: Context, parent: Parent) -> PruneResult:
         result = pruner.apply(model, scores.value, recipe.prune.ratio)
         if scores.shared:
             result.details["scores_shared_across_ratios"] = True
+    # A sparse parent's zeros survive the prune (and so training): `hfprune.parent_masks`.
+    carry_parent_masks(parent.masks, result, pruner.granularity, architecture_of(model.config).layers)
     result.seconds = time.perf_counter() - start
     return result
 
@@ -75,7 +83,9 @@ def prune_report(
     """`prune_report.json`: what was removed, measured parameter counts, and what reproduces it."""
     recipe, pruner = ctx.recipe, ctx.pruner
     after = count_parameters(result.model)
-    if result.masks:  # sparse: the shapes are the parent's, the removed weights are the masked ones
+    # Sparse: the shapes are the parent's, the removed weights are the masked ones (a sparse parent's
+    # zeros included). A structural ratio counts the structure, even with a sparse parent's masks carried.
+    if result.masks and pruner.granularity is Granularity.SPARSE:
         removed = sum(int((~keep).sum()) for keep in result.masks.values())
         after = ParamCount(total=after.total - removed, embedding=after.embedding)
     shape = result.shape.to_dict()
