@@ -16,6 +16,7 @@ from typing import Any
 import click
 
 from hfprune import __version__
+from hfprune.cli_plan import hardware_options, plan_hardware, print_warnings
 from hfprune.errors import HfpruneError
 
 
@@ -76,22 +77,34 @@ def _stage_command(name: str, stop_after: str | None, summary: str) -> None:
     @click.argument("overrides", nargs=-1)
     @click.option("--force", is_flag=True, help="Rerun stages even when their inputs are unchanged.")
     @click.option(
-        "--dry-run", is_flag=True, help="Print the plan (stages, paths, shapes) without loading weights."
+        "--dry-run",
+        is_flag=True,
+        help="Print the plan (stages, paths, shapes; per stage peak device and host memory and time) "
+        "without loading weights.",
     )
-    def command(recipe: str, overrides: tuple[str, ...], force: bool, dry_run: bool) -> None:
+    @hardware_options
+    def command(recipe: str, overrides: tuple[str, ...], force: bool, dry_run: bool, **machine: Any) -> None:
         from hfprune.preflight import preflight
 
         loaded = _load(recipe, overrides)
-        preflight(loaded, source=recipe, training=stop_after is None)  # before any weights or folders
-        _execute(loaded, force=force, dry_run=dry_run, stop_after=stop_after)
+        hardware = plan_hardware(**machine)
+        # Before any weights or folders; a run that does not fit the machine stops here (exit 2).
+        checked = preflight(
+            loaded, source=recipe, training=stop_after is None, hardware=hardware, refuse=not dry_run
+        )
+        _execute(loaded, force=force, dry_run=dry_run, stop_after=stop_after, plan=checked.plan)
 
 
-def _execute(recipe: Any, *, force: bool, dry_run: bool, stop_after: str | None) -> None:
+def _execute(recipe: Any, *, force: bool, dry_run: bool, stop_after: str | None, plan: Any = None) -> None:
     from hfprune import distributed, pipeline
 
     try:
         if dry_run:
-            click.echo(json.dumps(pipeline.describe_plan(recipe, stop_after), indent=2))
+            if plan is not None:
+                from hfprune.plan import format_plan
+
+                click.echo(format_plan(plan), err=True)
+            click.echo(json.dumps(pipeline.describe_plan(recipe, stop_after, plan=plan), indent=2))
             return
         summary = pipeline.run(recipe, force=force, stop_after=stop_after)
     finally:
@@ -123,8 +136,15 @@ _stage_command("prune", "prune", "Stop after writing the pruned checkpoint (mode
     help="Only the cells matching all pairs (keys: method, ratio, budget); repeat to add more cells.",
 )
 @click.option("--force", is_flag=True, help="Rerun stages even when their inputs are unchanged.")
-@click.option("--dry-run", is_flag=True, help="List the cells: shapes, parameter counts, budgets, status.")
-def sweep(recipe: str, overrides: tuple[str, ...], only: tuple[str, ...], force: bool, dry_run: bool) -> None:
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="List the cells: shapes, parameter counts, budgets, status, peak memory and time.",
+)
+@hardware_options
+def sweep(
+    recipe: str, overrides: tuple[str, ...], only: tuple[str, ...], force: bool, dry_run: bool, **machine: Any
+) -> None:
     from hfprune import distributed
     from hfprune.grid import load_sweep
     from hfprune.preflight import preflight_cells
@@ -132,10 +152,12 @@ def sweep(recipe: str, overrides: tuple[str, ...], only: tuple[str, ...], force:
     from hfprune.sweep_plan import describe_sweep, format_plan
 
     grid = load_sweep(recipe, overrides)
-    preflight_cells(grid.select(only), source=recipe)  # every selected cell, before any weights or folders
+    hardware = plan_hardware(**machine)
+    # Every selected cell, before any weights or folders; a cell that does not fit stops the sweep (exit 2).
+    checked = preflight_cells(grid.select(only), source=recipe, hardware=hardware, refuse=not dry_run)
     try:
         if dry_run:
-            plan = describe_sweep(grid, only)
+            plan = describe_sweep(grid, only, plans=checked.plans)
             click.echo(format_plan(plan), err=True)
             click.echo(json.dumps(plan, indent=2))
             return
@@ -208,12 +230,12 @@ def _validate_one(path: Path, parent: bool | None, files: bool) -> int:
         if "sweep" in read_recipe_yaml(path):
             cells = load_sweep(path).cells
             check_parent = parent if parent is not None else _local_parent(cells[0].recipe)
-            preflight_cells(cells, source=str(path), parent=check_parent, files=files)
+            checked = preflight_cells(cells, source=str(path), parent=check_parent, files=files, log=False)
             note = f"sweep of {len(cells)} cells"
         else:
             recipe = load_recipe(path)
             check_parent = parent if parent is not None else _local_parent(recipe)
-            preflight(recipe, source=str(path), parent=check_parent, files=files)
+            checked = preflight(recipe, source=str(path), parent=check_parent, files=files, log=False)
             note = ""
     except HfpruneError as err:
         click.echo(f"error: {err}", err=True)
@@ -221,6 +243,7 @@ def _validate_one(path: Path, parent: bool | None, files: bool) -> int:
     if not check_parent:
         note = ", ".join(filter(None, [note, "parent config not checked: --parent fetches it"]))
     click.echo(f"ok       {path}" + (f" ({note})" if note else ""))
+    print_warnings(path, checked.warnings)  # held-out problems warn: the recipe is still valid
     return 0
 
 

@@ -9,6 +9,8 @@ data sheet (no sparsity), or on a CPU a matmul timed here: the plan applies its 
 
 from __future__ import annotations
 
+import functools
+import re
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -62,8 +64,10 @@ class Hardware:
         return asdict(self)
 
 
+@functools.cache
 def detect_hardware() -> Hardware:
-    """This machine: its CUDA devices when torch sees any, else its CPU (throughput measured now)."""
+    """This machine: its CUDA devices when torch sees any, else its CPU (throughput measured once per
+    process: preflight and the dry run of every sweep cell ask again)."""
     host = host_memory_available()
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
@@ -77,7 +81,7 @@ def detect_hardware() -> Hardware:
             source=f"detected with torch.cuda; peak FLOP/s of {label} from its data sheet",
         )
     threads = torch.get_num_threads()
-    fp32, bf16 = measure_cpu_flops(torch.float32), measure_cpu_flops(torch.bfloat16)
+    fp32, bf16 = measure_cpu_flops(torch.float32, size=512), measure_cpu_flops(torch.bfloat16)
     return Hardware(
         name=f"CPU ({threads} threads)",
         devices=1,
@@ -119,14 +123,24 @@ def gpu_peaks(device_name: str) -> tuple[str, float, float]:
 
 
 def host_memory_available() -> int | None:
-    """MemAvailable from /proc/meminfo in bytes (None where there is no /proc)."""
+    """What a run may use of the host's memory, in bytes: MemAvailable from /proc/meminfo plus what this
+    process already holds (the plan counts the process itself in its baseline). None without /proc."""
     path = Path("/proc/meminfo")
     if not path.exists():
         return None
     for line in path.read_text().splitlines():
         if line.startswith("MemAvailable:"):
-            return int(line.split()[1]) * 1024
+            return int(line.split()[1]) * 1024 + _own_resident_bytes()
     return None
+
+
+def _own_resident_bytes() -> int:
+    statm = Path("/proc/self/statm")
+    if not statm.exists():
+        return 0
+    import resource
+
+    return int(statm.read_text().split()[1]) * resource.getpagesize()
 
 
 def measure_cpu_flops(dtype: torch.dtype, size: int = 256, seconds: float = 0.05) -> float:
@@ -145,3 +159,56 @@ def measure_cpu_flops(dtype: torch.dtype, size: int = 256, seconds: float = 0.05
             count += 1
         best = max(best, 2 * size**3 * count / elapsed)
     return best
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)?\s*$", re.IGNORECASE)
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
+_UNITS.update({"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40})
+
+
+def parse_size(text: str) -> int:
+    """Bytes in '80GiB', '80 GB' (10^9), '512MiB' or a plain number of bytes; ValueError otherwise."""
+    match = _SIZE.match(str(text))
+    if not match:
+        raise ValueError(f"{text!r} is not a size: use a number with a unit, e.g. 80GiB, 80GB or 512MiB")
+    return int(float(match.group(1)) * _UNITS[(match.group(2) or "b").lower()])
+
+
+def stated_hardware(
+    name: str | None = None,
+    device_memory: int | None = None,
+    host_memory: int | None = None,
+    devices: int | None = None,
+) -> Hardware:
+    """The machine a plan is made for: `name` (a reference machine, or "detect" for this one) with the
+    stated memories and device count replacing its own. Stating a device memory on a CPU-only machine
+    plans for an accelerator of that size (with the throughput of an unknown one, A100 figures)."""
+    if name in (None, "detect"):
+        hardware = detect_hardware() if device_memory is None or torch.cuda.is_available() else _stated_gpu()
+    else:
+        hardware = reference_hardware(name)
+    changes: dict[str, Any] = {}
+    if device_memory is not None:
+        changes["device_memory"] = device_memory
+    if host_memory is not None:
+        changes["host_memory"] = host_memory
+    if devices is not None:
+        changes["devices"] = devices
+    if changes:
+        stated = ", ".join(
+            f"{k} {v / GIB:.1f} GiB" if k.endswith("memory") else f"{k} {v}" for k, v in changes.items()
+        )
+        changes["source"] = f"{hardware.source}; stated: {stated}"
+    return replace(hardware, **changes)
+
+
+def _stated_gpu() -> Hardware:
+    label, bf16, fp32 = UNKNOWN_GPU
+    return Hardware(
+        name="accelerator (stated)",
+        devices=1,
+        device_memory=None,
+        host_memory=host_memory_available(),
+        peak_flops={"bfloat16": bf16, "float32": fp32},
+        source=f"stated on the command line; peak FLOP/s of an {label}",
+    )

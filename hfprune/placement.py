@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from hfprune.device_spec import CUDA_SPEC, device_spec_problem
 from hfprune.errors import InvalidInput, RunFailure
 from hfprune.modeling import decoder_layers
 
@@ -34,7 +34,7 @@ logger = logging.getLogger(__name__)
 
 DeviceSpec = str | int
 HOST = torch.device("cpu")
-_CUDA = re.compile(r"^cuda(:(\d+))?$")
+_CUDA = CUDA_SPEC
 # Device memory left free beside the weights for activations, the calibration statistics and logits.
 HEADROOM_BYTES = 2 * 2**30
 HEADROOM_FRACTION = 0.1
@@ -46,17 +46,6 @@ class DeviceError(InvalidInput, ValueError):
 
 class PlacementError(RunFailure, RuntimeError):
     """A model cannot be placed as asked (its weights were never loaded: they are on `meta`)."""
-
-
-def device_spec_problem(spec: Any) -> str | None:
-    """Why `spec` is not a valid `parent.device` value (None when it is); needs no hardware."""
-    if isinstance(spec, bool) or not isinstance(spec, (str, int)):
-        return f"must be auto, cpu, cuda, cuda:N or a device index N, got {spec!r}"
-    if isinstance(spec, int):
-        return None if spec >= 0 else f"a device index must be 0 or more, got {spec}"
-    if spec in ("auto", "cpu") or _CUDA.match(spec):
-        return None
-    return f"must be auto, cpu, cuda, cuda:N or a device index N, got {spec!r}"
 
 
 def _local_rank() -> int:

@@ -214,13 +214,22 @@ def _advice(stage: StageEstimate, where: str, total: int, limit: int) -> tuple[s
     return key, f"{head}: {hint}"
 
 
-def format_plan(plan: Plan) -> str:
-    """The plan for people: one line per stage, then the terms with their formulas, then assumptions."""
-    lines = [f"plan: {plan.title}", f"{'stage':<18}{'device':>12}{'host':>12}{'time':>20}"]
+def format_table(plan: Plan) -> str:
+    """One line per stage: peak device memory, peak host memory, estimated time (the run's start log)."""
+    lines = [
+        f"plan: {plan.title} on {plan.hardware.name} x {plan.hardware.devices}",
+        f"{'stage':<18}{'device':>12}{'host':>12}{'time':>20}",
+    ]
     for s in plan.stages:
         device = "-" if s.total("device") is None else f"{s.total('device') / GIB:.2f} GiB"
         time = "-" if s.seconds is None else f"{_duration(s.seconds)} ({s.time_class})"
         lines.append(f"{s.name:<18}{device:>12}{s.total('host') / GIB:>8.2f} GiB{time:>20}")
+    return "\n".join(lines)
+
+
+def format_plan(plan: Plan) -> str:
+    """The plan for people: one line per stage, then the terms with their formulas, then assumptions."""
+    lines = [format_table(plan)]
     for s in plan.stages:
         lines.append(f"\n{s.name}:")
         for where in ("device", "host"):
@@ -251,6 +260,7 @@ __all__ = [
     "Term",
     "estimate",
     "format_plan",
+    "format_table",
     "plan_recipe",
     "problems",
     "require_fits",

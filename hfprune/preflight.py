@@ -14,6 +14,12 @@ header, never weights) and checks:
 
 Every problem is reported at once, as a `RecipeError` (exit 2). A parent that cannot be found or
 fetched stays a `ParentLoadError` (exit 1) when nothing else is wrong.
+
+Then, with the parent's config at hand: the held-out check (`hfprune.heldout`: an evaluation set that
+reads calibration or training text is a warning, returned and logged), and when a `hardware` is given
+(the run commands, not `validate`) the plan (`hfprune.plan_check`): logged, and a `PlanError` (exit 2,
+naming the knob) when a stage needs more memory than that machine has, unless `refuse=False` (a dry run,
+which prints it instead).
 """
 
 from __future__ import annotations
@@ -23,9 +29,14 @@ import logging
 import os
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from hfprune.plan_check import Checked, after_checks, in_cells
 from hfprune.recipe import DatasetSpec, Recipe, RecipeError
+
+
+if TYPE_CHECKING:
+    from hfprune.hardware import Hardware
 
 
 logger = logging.getLogger(__name__)
@@ -44,54 +55,65 @@ def preflight(
     parent: bool = True,
     files: bool = True,
     training: bool = True,
-) -> None:
-    """Raise `RecipeError` with every problem found.
+    hardware: Hardware | None = None,
+    refuse: bool = True,
+    log: bool = True,
+) -> Checked:
+    """Raise `RecipeError` with every problem found; return the warnings (and the plan).
 
     `parent=False` skips the parent-config checks, `files=False` those of dataset files and the output
     folder (`hfprune validate --no-parent --no-files`: what the recipe alone says, on any machine);
     `training=False` (`hfprune prune`, which stops before training) skips the `train` section.
+    `hardware` asks for the plan on that machine (`PlanError` when it does not fit and `refuse`);
+    `log=False` leaves the held-out warnings to the caller (`validate` prints them).
     """
-    _check(source or recipe.name, [(None, recipe)], parent=parent, files=files, training=training)
+    items = [(None, recipe)]
+    configs = _check(source or recipe.name, items, parent=parent, files=files, training=training)
+    return after_checks(items, configs, hardware, refuse=refuse, training=training, log=log)
 
 
-def preflight_cells(cells: Iterable[Any], *, source: str, parent: bool = True, files: bool = True) -> None:
+def preflight_cells(
+    cells: Iterable[Any],
+    *,
+    source: str,
+    parent: bool = True,
+    files: bool = True,
+    hardware: Hardware | None = None,
+    refuse: bool = True,
+    log: bool = True,
+) -> Checked:
     """`preflight` for sweep cells (`hfprune.grid.Cell`): one report, each problem naming its cells."""
-    _check(source, [(cell.id, cell.recipe) for cell in cells], parent=parent, files=files, training=True)
+    items = [(cell.id, cell.recipe) for cell in cells]
+    configs = _check(source, items, parent=parent, files=files, training=True)
+    return after_checks(items, configs, hardware, refuse=refuse, training=True, log=log)
 
 
 def _check(
     source: str, items: list[tuple[str | None, Recipe]], *, parent: bool, files: bool, training: bool
-) -> None:
+) -> dict[str | None, Any]:
+    """Raise `RecipeError` with every problem; the parent config of each item (by label) when read."""
     per_recipe: dict[Problem, list[str | None]] = {}
     for label, recipe in items:
         for problem in recipe_problems(recipe, training=training, files=files):
             per_recipe.setdefault(problem, []).append(label)
     shared: list[Problem] = []
+    found: dict[str | None, Any] = {}
     if parent:
         configs: dict[str, Any] = {}  # the cells of a sweep share their parent: its config is read once
         for label, recipe in items:
             key = recipe.parent.model_dump_json()
             if key not in configs:
                 configs[key] = _parent_config(recipe, shared, pending=bool(per_recipe or shared))
+            found[label] = configs[key]
             if configs[key] is not None:
                 for problem in config_problems(recipe, configs[key], training=training):
                     per_recipe.setdefault(problem, []).append(label)
     problems = shared + [
-        (key, _in_cells(msg, labels, len(items))) for (key, msg), labels in per_recipe.items()
+        (key, in_cells(msg, labels, len(items))) for (key, msg), labels in per_recipe.items()
     ]
     if problems:
         raise RecipeError(source, problems)
-
-
-def _in_cells(message: str, labels: list[str | None], total: int) -> str:
-    named = [label for label in labels if label is not None]
-    if not named:
-        return message
-    return (
-        f"{message} (all {total} cells)"
-        if len(named) == total > 1
-        else f"{message} (cells: {', '.join(named)})"
-    )
+    return found
 
 
 def _parent_config(recipe: Recipe, problems: list[Problem], *, pending: bool) -> Any:

@@ -22,7 +22,7 @@ import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from hfprune import kinds
-from hfprune.placement import device_spec_problem
+from hfprune.device_spec import device_spec_problem
 from hfprune.pruners import PRUNERS, UnknownPrunerError, get_pruner
 from hfprune.recipe_eval import EvalSpec
 from hfprune.recipe_raw import RecipeError, read_recipe_yaml

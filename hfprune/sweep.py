@@ -6,7 +6,8 @@ contract, so `hfprune run <cell>/recipe.yaml` reproduces any cell alone). `run_s
 an ordinary `Pipeline`, handing its stages providers (`hfprune.providers`) that take from the rest of
 the sweep what the cell would otherwise recompute:
 
-- the parent, loaded and evaluated once (each prune works on a copy);
+- the parent, evaluated once and loaded once per prune (a prune changes it in place, and the next cell
+  that needs it reloads it from disk: no copy of the parent is ever held beside it);
 - calibration tokens, and a method's importance scores computed once for all its ratios where the
   method allows it (`Pruner.score_for_ratios`);
 - the pruned model of the same method and ratio at another budget (hard links, no second copy), and
@@ -26,7 +27,6 @@ cell's model cards before any push. Finished cells are skipped on rerun (each ce
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import logging
@@ -42,7 +42,6 @@ from transformers import PreTrainedModel
 from hfprune import distributed, kinds
 from hfprune.failures import translate_oom
 from hfprune.grid import Cell, Sweep, SweepError, load_sweep
-from hfprune.hub import Parent
 from hfprune.outputs import atomic_dir, output_lock, read_json, remove_stale_temporaries
 from hfprune.pipeline import Pipeline, context_for, making_stage
 from hfprune.providers import FreshScores, LoadedParent, Providers, Scores, files_hash, link_tree, scores_for
@@ -64,11 +63,10 @@ PUBLISHING = ("card", "push")
 
 
 class SharedParent(LoadedParent):
-    """One parent for every cell (they all have the base recipe's parent section); each prunes a copy."""
-
-    def model_to_prune(self, parent: Parent) -> PreTrainedModel:
-        with translate_oom("parent copy"):  # a second copy of the parent: its dtype is the knob
-            return copy.deepcopy(parent.model)
+    """One parent for every cell (they all have the base recipe's parent section), never copied: a prune
+    takes it (in place, as a single run does) and the next cell that needs it reloads it from disk, so
+    the sweep holds one parent at a time. Its evaluation and the scores are shared across cells all the
+    same (siblings' metrics, `SharedScores`); the scores are computed before the prune takes it."""
 
 
 class SharedScores(FreshScores):

@@ -1,8 +1,9 @@
 """`hfprune sweep --dry-run`: the grid from configs alone, per cell its shape, parameters, budget, status.
 
-Reads no weights: each cell's plan comes from `pipeline.describe_plan` with the pipeline `hfprune sweep`
-runs for the cell (its shared providers, every stage but the push), so its status (finished, partial,
-to run) is what `hfprune sweep` would find.
+Reads no weights, and each parent's config once (`hub.load_parent_config` keeps it): each cell's plan
+comes from `pipeline.describe_plan` with the pipeline `hfprune sweep` runs for the cell (its shared
+providers, every stage but the push), so its status (finished, partial, to run) is what `hfprune sweep`
+would find; with the preflight's memory and time plans (`hfprune.plan_check`), each cell's peaks too.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ from typing import Any
 
 from hfprune import kinds
 from hfprune.grid import Cell, Sweep
+from hfprune.hardware import GIB
 from hfprune.pipeline import Pipeline, describe_plan
+from hfprune.plan_check import peaks
 from hfprune.pruners import get_pruner
 from hfprune.pruners.base import Granularity
 from hfprune.sweep import SharedWork
@@ -25,13 +28,19 @@ NO_CONTINUATION = (
 )
 
 
-def describe_sweep(sweep: Sweep, only: Iterable[str] = ()) -> dict[str, Any]:
-    """The grid from configs alone: per cell its shape, parameter counts, budget and status."""
+def describe_sweep(
+    sweep: Sweep, only: Iterable[str] = (), plans: dict[Any, Any] | None = None
+) -> dict[str, Any]:
+    """The grid from configs alone: per cell its shape, parameter counts, budget and status, and with
+    `plans` (`hfprune.plan.Plan` by cell id, from preflight) its memory and time plan."""
     cells = sweep.select(only)
     shared = SharedWork(sweep)
+    memory = plans or {}
     plans = {
         cell.id: describe_plan(
-            cell.recipe, pipeline=Pipeline(cell.recipe, providers=shared.providers(cell), skip=("push",))
+            cell.recipe,
+            pipeline=Pipeline(cell.recipe, providers=shared.providers(cell), skip=("push",)),
+            plan=memory.get(cell.id),
         )
         for cell in cells
     }
@@ -59,6 +68,8 @@ def describe_sweep(sweep: Sweep, only: Iterable[str] = ()) -> dict[str, Any]:
                 "target_shape": plan["target_shape"],
                 "params": plan["params"],
                 "scratch_shared_with": [c for c in twins.get(key, []) if c != cell.id] if key else [],
+                "plan": plan.get("plan"),
+                "peaks": peaks(memory[cell.id]) if cell.id in memory else None,
                 "budget": (
                     NO_CONTINUATION
                     if cell.token_budget and smallest and cell.token_budget > smallest
@@ -89,16 +100,30 @@ def format_plan(plan: dict[str, Any]) -> str:
     """The dry-run plan as a table for people (the JSON goes to stdout for programs)."""
     lines = [
         f"sweep {plan['sweep']}: {len(plan['cells'])} cell(s) under {plan['output_dir']}",
-        "| cell | status | shape | params (pruned, non-embedding) | ratio achieved | tokens | scratch shared with |",
-        "|---|---|---|---:|---:|---:|---|",
+        (
+            "| cell | status | shape | params (pruned, non-embedding) | ratio achieved | tokens "
+            "| scratch shared with | peak device | peak host | stage time |"
+        ),
+        "|---|---|---|---:|---:|---:|---|---:|---:|---:|",
     ]
     for row in plan["cells"]:
         shape = ", ".join(f"{k}={v}" for k, v in row["target_shape"].items()) or "parent shape, masked"
         pruned = row["params"][kinds.PRUNED.name]
         lines.append(
             f"| {row['cell']} | {row['status']} | {shape} | {pruned['non_embedding'] / 1e6:.2f}M | "
-            f"{row['ratio_achieved']:.4f} | {row['token_budget'] or '-'} | {', '.join(row['scratch_shared_with']) or '-'} |"
+            f"{row['ratio_achieved']:.4f} | {row['token_budget'] or '-'} | {', '.join(row['scratch_shared_with']) or '-'} | "
+            f"{_peaks(row.get('peaks'))} |"
         )
     if any(row["budget"] == NO_CONTINUATION for row in plan["cells"]):
         lines.append(f"Budgets above the smallest: each cell {NO_CONTINUATION}.")
     return "\n".join(lines)
+
+
+def _peaks(peak: dict[str, Any] | None) -> str:
+    """A cell's largest device and host estimates and its summed stage time, as three table cells."""
+    if peak is None:
+        return "- | - | -"
+    device = "-" if peak["device_bytes"] is None else f"{peak['device_bytes'] / GIB:.1f} GiB"
+    seconds = peak["seconds"]
+    time = "-" if seconds is None else f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds:.0f} s"
+    return f"{device} | {peak['host_bytes'] / GIB:.1f} GiB | {time}"

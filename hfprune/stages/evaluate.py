@@ -1,8 +1,11 @@
 """The `<kind>_eval` stages: held-out perplexity (and lm-eval tasks) of one model, into metrics.json.
 
 Runs after the stage that made the model (the parent is loaded by its provider). The model comes from
-memory when this process just made it, else from its folder. A sweep cell whose sibling already
-evaluated the same model the same way copies those scores instead (`Providers.donors`).
+memory when this process just made it, else from its folder, and is evaluated where the parent computes
+(`parent.device`: the accelerator when there is one, `hfprune.placement`); the stage logs the device and
+dtype. Under torchrun it runs on the main process only (`Stage.all_ranks` is False). A made model is
+dropped from memory once evaluated, so the accelerator is free for the next stage. A sweep cell whose
+sibling already evaluated the same model the same way copies those scores instead (`Providers.donors`).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from hfprune import kinds
 from hfprune.eval import evaluation_windows, perplexity
 from hfprune.lmeval import evaluate_lm
 from hfprune.modeling import count_parameters
+from hfprune.placement import log_stage, place, resolve_device
 
 
 if TYPE_CHECKING:
@@ -29,12 +33,15 @@ def run(ctx: Context, kind: str) -> None:
     if ctx.providers.donors.copy_scores(ctx, f"{kind}_eval", kind):
         return
     if kinds.get(kind).making is kinds.Making.LOADED:
-        parent = ctx.providers.parent.get(ctx.recipe)
+        parent = ctx.providers.parent.get(ctx.recipe)  # placed when it was loaded
         model, tokenizer = parent.model, parent.tokenizer
     else:
         folder = ctx.workspace.model_dir(kind)
-        model = ctx.models.get(kind) or AutoModelForCausalLM.from_pretrained(folder, dtype="auto")
+        model = ctx.models.pop(kind, None) or AutoModelForCausalLM.from_pretrained(folder, dtype="auto")
+        model.eval()
+        place(model, resolve_device(ctx.recipe.parent.device), stage=f"{kind}_eval")
         tokenizer = AutoTokenizer.from_pretrained(folder)
+    log_stage(f"{kind}_eval", model)
     record_scores(ctx, kind, model, tokenizer)
 
 

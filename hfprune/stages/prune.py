@@ -20,8 +20,8 @@ from hfprune.cards import render_pruned_card
 from hfprune.hub import Parent, parent_license
 from hfprune.modeling import ParamCount, count_parameters
 from hfprune.outputs import atomic_dir, write_json, write_text
-from hfprune.placement import log_stage
 from hfprune.parent_masks import carry_parent_masks
+from hfprune.placement import log_stage
 from hfprune.pruners import PruneResult
 from hfprune.pruners.base import Granularity
 from hfprune.workspace import MASKS_FILE
