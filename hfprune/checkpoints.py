@@ -22,6 +22,7 @@ from torch.utils.data import IterableDataset
 from transformers import TrainerCallback, TrainingArguments
 
 from hfprune import distributed
+from hfprune._faults import kill_point
 
 
 logger = logging.getLogger(__name__)
@@ -37,6 +38,7 @@ class CheckpointCompleteCallback(TrainerCallback):
     def on_save(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
         if args.should_save:
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            kill_point("checkpoint_save")  # written, not yet marked complete
             (folder / COMPLETE_MARKER).write_text(str(state.num_input_tokens_seen))
 
 

@@ -26,6 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from hfprune._faults import kill_point
 from hfprune.errors import RunFailure
 from hfprune.failures import OutputError, write_failure, writes_to
 
@@ -61,6 +62,7 @@ def atomic_dir(target: Path) -> Iterator[Path]:
     try:
         with writes_to(target, target.parent):
             yield tmp
+            kill_point("atomic_save")
             replace_dir(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -105,6 +107,7 @@ def distributed_staging_dir(target: Path) -> Iterator[Path]:
             yield staging
             distributed.barrier()
             if main:
+                kill_point("final_save")
                 replace_dir(staging, target)
     except BaseException:
         if main:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from hfprune import distributed, kinds
+from hfprune._faults import kill_point
 from hfprune.architectures.base import SHAPE_KEYS
 from hfprune.failures import translate_oom
 from hfprune.hub import PushResult, load_parent_config
@@ -191,11 +192,14 @@ class Pipeline:
             return StageOutcome(stage, ran=False)
         if distributed.is_main_process() or ctx.table[stage].all_ranks:
             logger.info("stage %s: running", stage)
+            kill_point(f"before:{stage}")
             with translate_oom(stage):  # out of memory: one line naming the stage and its knobs
                 ctx.table[stage].action(ctx)
+        kill_point(f"unrecorded:{stage}")  # its outputs written, the ledger not yet
         if distributed.is_main_process():
             ws.write_recipe(ctx.recipe.to_yaml())
             ws.ledger.record(stage, fingerprint)
+        kill_point(f"after:{stage}")
         return StageOutcome(stage, ran=True)
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from hfprune import __version__, kinds
+from hfprune._faults import kill_point
 from hfprune.cards import recorded_license, write_cards
 from hfprune.hub import PushError, PushResult, parent_license, published_kinds, push_folder, repo_id_for
 
@@ -56,5 +57,6 @@ def push(ctx: Context) -> dict[str, PushResult]:
             retries=spec.retries,
             retry_hint=f"publish them with `hfprune push {ws.root}`",
         )
+        kill_point("push")  # the commit landed, its record not yet written
         ws.metrics.update(kind, hub=result.to_dict())  # per repo: a later failure keeps the earlier URLs
     return results
