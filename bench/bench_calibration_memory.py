@@ -6,7 +6,8 @@ pruner (shortgpt, minitron_depth, minitron_width, flap, wanda, sparsegpt) on N c
 subprocess, so one run's heap never hides in the next; a thread samples the process's resident memory
 (`results.PeakRSS`) while `pruner.prune` runs. The streaming methods should be flat in N; wanda and
 sparsegpt hold at most their `max_activation_bytes` budget of hidden states and spill the rest to files.
-The table goes into bench/RESULTS.md under `## Calibration memory`; other sections are left alone.
+`--before REF` adds rows for the `hfprune` package of a git ref, on the same inputs. The table goes into
+bench/RESULTS.md under `## Calibration memory`; other sections are left alone.
 
     .venv/bin/hfprune assets        # once: SmolLM2-135M GGUF and Shakespeare into .cache/hfprune
     .venv/bin/python bench/bench_calibration_memory.py [--windows 8 32 128] [--methods shortgpt ...]
@@ -15,12 +16,17 @@ The table goes into bench/RESULTS.md under `## Calibration memory`; other sectio
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
+import gc
+import hashlib
 import json
 import logging
 import os
 import shlex
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -37,69 +43,111 @@ OPTIONS: dict[str, dict[str, Any]] = {"minitron_width": {"alignment": 8}}
 SPARSE = ("wanda", "sparsegpt")
 
 
+# -- inside one subprocess --------------------------------------------------------------------------
 def one(method: str, windows: int, args: argparse.Namespace) -> dict[str, Any]:
-    """Load the parent, tokenize, prune once under the RSS sampler (runs inside the subprocess)."""
+    """Load the prepared parent and tokens, prune once under the RSS sampler."""
     import torch
 
-    from hfprune.data import calibration_tokens
+    import hfprune
     from hfprune.hub import load_parent
     from hfprune.pruners import get_pruner
-    from hfprune.recipe import DatasetSpec, ParentSpec
+    from hfprune.recipe import ParentSpec
 
     torch.set_num_threads(args.threads)
-    parent = load_parent(
-        ParentSpec(model=f"{CACHE}/smollm2-135m", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf", device="cpu")
-    )
-    train = DatasetSpec(path="json", data_files=f"{CACHE}/shakespeare/train.jsonl")
-    ids = calibration_tokens(train, parent.tokenizer, windows, args.seq_len)
-    options = dict(OPTIONS.get(method, {}))
-    if method in SPARSE:
-        options["max_activation_bytes"] = args.budget_mib * 2**20
+    fields = {"device": "cpu"} if "device" in ParentSpec.model_fields else {}  # older code: no parent.device
+    parent = load_parent(ParentSpec(model=str(args.prepared), **fields))
+    for param in parent.model.parameters():  # into anonymous memory: a lazily mapped file would page in
+        param.data = param.data.clone()  # during `prune` and read as the pruner's memory
+    release_freed_memory()
+    ids = torch.load(args.prepared / "calibration.pt")[:windows]
     cls = get_pruner(method)
+    options = dict(OPTIONS.get(method, {}))
+    if "max_activation_bytes" in cls.Options.model_fields:
+        options["max_activation_bytes"] = args.budget_mib * 2**20
     pruner = cls(cls.Options(**options))
     before = PeakRSS.current()
     with PeakRSS() as rss:
         start = time.perf_counter()
         result = pruner.prune(parent.model, ids, 0.5, args.batch_size)
         seconds = time.perf_counter() - start
-    details = result.details
+    ours = Path(hfprune.__file__).resolve().is_relative_to(ROOT)
     return {
         "method": method,
+        "code": "this" if ours else args.label,
         "windows": int(ids.shape[0]),
         "before": before,
         "peak": rss.peak,
         "seconds": seconds,
-        "decision": decision(details),
-        "activations": details.get("activations"),
+        "decision": decision(result.details, result.masks),
+        "activations": result.details.get("activations"),
     }
 
 
-def decision(details: dict[str, Any]) -> str:
-    """A short, comparable summary of what the pruner chose."""
+def release_freed_memory() -> None:
+    """Collect garbage and hand freed heap pages back to the OS before the baseline is read."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to trim
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def decision(details: dict[str, Any], masks: dict[str, Any] | None) -> str:
+    """A short, comparable summary of what the pruner chose: the kept layers, else a digest of the kept
+    channels or of the masks."""
     if "kept_layers" in details:
         return "kept layers " + ",".join(map(str, details["kept_layers"]))
-    if "kept_hidden_channels" in details:
-        return f"hidden {len(details['kept_hidden_channels'])}, ffn {len(details['kept_ffn_neurons'][0])}"
-    if "kept_kv_groups" in details:
-        return f"kv groups {len(details['kept_kv_groups'][0])}, ffn {len(details['kept_ffn_neurons'][0])}"
-    return f"sparsity {details['sparsity']['sparsity']:.4f}"
+    digest = hashlib.sha256()
+    if masks:
+        for name in sorted(masks):
+            digest.update(name.encode() + masks[name].numpy().tobytes())
+    else:
+        digest.update(json.dumps({k: v for k, v in details.items() if k.startswith("kept_")}).encode())
+    return f"sha256 {digest.hexdigest()[:12]}"
 
 
-def run_child(method: str, windows: int, args: argparse.Namespace) -> dict[str, Any]:
-    command = [sys.executable, __file__, "--child", method, str(windows), *child_flags(args)]
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=False)
-    if done.returncode:
-        raise RuntimeError(f"{method} x {windows} failed:\n{done.stderr[-4000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+# -- the driver ----------------------------------------------------------------------------------------
+def prepare(folder: Path, windows: int, seq_len: int) -> None:
+    """Dequantize the GGUF parent into an ordinary checkpoint and tokenize the calibration set, once."""
+    import torch
+
+    from hfprune.data import calibration_tokens
+    from hfprune.hub import load_parent
+    from hfprune.recipe import DatasetSpec, ParentSpec
+
+    spec = ParentSpec(
+        model=f"{CACHE}/smollm2-135m", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf", device="cpu"
+    )
+    parent = load_parent(spec)
+    parent.model.save_pretrained(folder)
+    parent.tokenizer.save_pretrained(folder)
+    train = DatasetSpec(path="json", data_files=f"{CACHE}/shakespeare/train.jsonl")
+    torch.save(calibration_tokens(train, parent.tokenizer, windows, seq_len), folder / "calibration.pt")
 
 
-def child_flags(args: argparse.Namespace) -> list[str]:
-    return [
+def previous_code(ref: str, folder: Path) -> Path:
+    """The `hfprune` package as of git `ref`, unpacked into `folder` (for the 'before' rows)."""
+    archive = subprocess.run(["git", "archive", ref, "hfprune"], cwd=ROOT, capture_output=True, check=True)
+    subprocess.run(["tar", "-x", "-C", str(folder)], input=archive.stdout, check=True)
+    return folder
+
+
+def run_child(method: str, windows: int, args: argparse.Namespace, code: Path | None) -> dict[str, Any]:
+    flags = [
         f"--seq-len={args.seq_len}",
         f"--batch-size={args.batch_size}",
         f"--budget-mib={args.budget_mib}",
         f"--threads={args.threads}",
+        f"--prepared={args.prepared}",
+        f"--label=before ({args.before})",
     ]
+    # Two malloc arenas: per-thread arenas make the peak depend on which thread allocated what.
+    env = {**os.environ, "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1", "MALLOC_ARENA_MAX": "2"}
+    if code is not None:
+        env["PYTHONPATH"] = str(code)
+    command = [sys.executable, __file__, "--child", method, str(windows), *flags]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=False, env=env)
+    if done.returncode:
+        raise RuntimeError(f"{method} x {windows} failed:\n{done.stderr[-4000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def mib(count: float) -> str:
@@ -111,46 +159,62 @@ def table(rows: list[dict[str, Any]], windows: list[int]) -> list[str]:
     lines = [
         "| method | "
         + " | ".join(cells)
-        + " | activations held / spilled at the largest N | same decision |",
+        + " | activations held / spilled at the largest N | same decisions |",
         "|---|" + "---:|" * len(cells) + "---|---|",
     ]
-    for method in dict.fromkeys(r["method"] for r in rows):
-        mine = {r["windows"]: r for r in rows if r["method"] == method}
+    for method, code in dict.fromkeys((r["method"], r["code"]) for r in rows):
+        mine = {r["windows"]: r for r in rows if (r["method"], r["code"]) == (method, code)}
         runs = [mine.get(n) for n in windows]
         peak = [mib(r["peak"]) if r else "-" for r in runs]
         rise = [mib(r["peak"] - r["before"]) if r else "-" for r in runs]
         secs = [f"{r['seconds']:.0f}" if r else "-" for r in runs]
         last = mine[max(mine)]["activations"]
         held = f"{mib(last['held_bytes'])} / {mib(last['spilled_bytes'])} MiB" if last else "none (streamed)"
-        same = len({r["decision"] for r in mine.values()}) == 1
-        lines.append(
-            f"| {method} | " + " | ".join([*peak, *rise, *secs, held, "yes" if same else "no"]) + " |"
-        )
+        others = {(r["windows"], r["decision"]) for r in rows if r["method"] == method and r["code"] != code}
+        ours = {(n, r["decision"]) for n, r in mine.items() if n in {w for w, _ in others}}
+        same = "-" if not others else "yes" if others == ours else "no"
+        label = method if code == "this" else f"{method}, {code}"
+        lines.append(f"| {label} | " + " | ".join([*peak, *rise, *secs, held, same]) + " |")
     return lines
 
 
 def section(rows: list[dict[str, Any]], args: argparse.Namespace, total_s: float, load: str) -> str:
     command = shlex.join([".venv/bin/python", "bench/bench_calibration_memory.py", *sys.argv[1:]])
     now = "/".join(f"{x:.1f}" for x in os.getloadavg())
+    before = (
+        f" Rows marked 'before' run the `hfprune` package of git `{args.before}` (layer-by-layer calibration "
+        "that holds every window's hidden states) on the same inputs."
+        if args.before
+        else ""
+    )
     setup = (
-        f"Parent: SmolLM2-135M-Instruct (GGUF Q4_1 dequantized to float32, 538 MB of weights) on the CPU, "
-        f"ratio 0.5. Calibration: Shakespeare train, windows of {args.seq_len} tokens, batch "
-        f"{args.batch_size}. wanda and sparsegpt: `max_activation_bytes` = {args.budget_mib} MiB (one batch "
-        f"of hidden states is {args.batch_size * args.seq_len * 576 * 4 / 2**20:.1f} MiB). Each cell is a "
-        f"fresh process; whole run {total_s / 60:.1f} min."
+        "Parent: SmolLM2-135M-Instruct (GGUF Q4_1 dequantized to float32 once, then loaded from that checkpoint "
+        f"by every cell; 538 MB of weights) on the CPU, ratio 0.5. Calibration: Shakespeare train, N windows of "
+        f"{args.seq_len} tokens, batch {args.batch_size}. wanda and sparsegpt: `max_activation_bytes` = "
+        f"{args.budget_mib} MiB (one batch of hidden states is "
+        f"{args.batch_size * args.seq_len * 576 * 4 / 2**20:.2f} MiB). Each cell is a fresh process; whole run "
+        f"{total_s / 60:.1f} min.{before}"
+    )
+    largest = max(r["windows"] for r in rows)
+    held = 2 * args.seq_len * 576 * 4
+    formula = (
+        f"For scale: before this change calibration held every window's hidden states, inputs and outputs "
+        f"({held / 2**20:.2f} MiB per window of {args.seq_len} tokens in fp32, {largest * held / 2**20:.0f} MiB "
+        f"at N={largest}), on top of the same working set."
     )
     notes = (
         "'peak RSS' is the whole process (parent, tokenizer, libraries, pruning), sampled every 5 ms while "
         "`prune` runs; 'rise' is that peak minus the RSS just before `prune`. 'activations held / spilled' "
-        "is the sequential walk's report (`prune_report.json` `activations`) at the largest N. "
-        "Times are on a shared machine and only comparable within a row."
+        "is the sequential walk's report (`prune_report.json` `activations`) at the largest N. 'same "
+        "decisions': the kept layers, channels or masks equal those of the other code's row at every N both "
+        "ran. Times are on a shared machine and only comparable within a row."
     )
-    rows_windows = sorted({r["windows"] for r in rows})
     head = [
         f"Machine: {machine()}; shared with other jobs: load average {load} at start, {now} at the end.  ",
         f"Command: `{command}` ({time.strftime('%Y-%m-%d')}).  ",
     ]
-    return "\n".join([*head, setup, "", *table(rows, rows_windows), "", notes, ""])
+    windows = sorted({r["windows"] for r in rows})
+    return "\n".join([*head, setup, "", *table(rows, windows), "", notes + " " + formula, ""])
 
 
 def parse_args() -> argparse.Namespace:
@@ -158,14 +222,20 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--windows", type=int, nargs="+", default=[8, 32, 128])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument(
-        "--depth-windows", type=int, nargs="+", help="windows for minitron_depth (default: --windows)"
+        "--depth-windows", type=int, nargs="+", help="for minitron_depth (default: --windows)"
     )
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--budget-mib", type=int, default=16, help="wanda/sparsegpt max_activation_bytes")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads (1 is fastest on a busy machine)"
+    )
+    parser.add_argument("--before", help="also measure the hfprune package of this git ref (e.g. a commit)")
+    parser.add_argument("--before-methods", nargs="+", default=["shortgpt", "wanda"], choices=METHODS)
     parser.add_argument("--no-write", action="store_true", help="print the section instead of writing it")
     parser.add_argument("--child", nargs=2, metavar=("METHOD", "WINDOWS"), help=argparse.SUPPRESS)
+    parser.add_argument("--prepared", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--label", help=argparse.SUPPRESS)
     return parser.parse_args()
 
 
@@ -178,12 +248,19 @@ def main() -> None:
         return
     load = "/".join(f"{x:.1f}" for x in os.getloadavg())
     begin, rows = time.perf_counter(), []
-    for method in args.methods:
-        counts = args.depth_windows if method == "minitron_depth" and args.depth_windows else args.windows
-        for windows in counts:
-            row = run_child(method, windows, args)
-            print(f"[{(time.perf_counter() - begin) / 60:.1f} min] {row}", flush=True)
-            rows.append(row)
+    with tempfile.TemporaryDirectory(prefix="hfprune-bench-") as scratch:
+        args.prepared = Path(scratch) / "parent"
+        prepare(args.prepared, max([*args.windows, *(args.depth_windows or [])]), args.seq_len)
+        runs: list[tuple[str, Path | None]] = [(m, None) for m in args.methods]
+        if args.before:
+            code = previous_code(args.before, Path(scratch))
+            runs += [(m, code) for m in args.before_methods]
+        for method, code in runs:
+            counts = args.depth_windows if method == "minitron_depth" and args.depth_windows else args.windows
+            for windows in counts:
+                row = run_child(method, windows, args, code)
+                print(f"[{(time.perf_counter() - begin) / 60:.1f} min] {row}", flush=True)
+                rows.append(row)
     text = section(rows, args, time.perf_counter() - begin, load)
     print(text)
     if not args.no_write:
