@@ -53,7 +53,7 @@ def find_parent_masks(spec: Any) -> Path | None:
         found = path / MASKS_FILE
         return found if found.is_file() else None
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
 
     try:
         return Path(hf_hub_download(spec.model, MASKS_FILE, revision=spec.revision))
@@ -64,6 +64,11 @@ def find_parent_masks(spec: Any) -> Path | None:
         # not exist; say so in case it does.
         logger.info("parent %s: no %s in the local cache (offline), taken as dense", spec.model, MASKS_FILE)
         return None
+    except (HfHubHTTPError, OSError) as err:  # not knowing would risk losing a sparse parent's zeros
+        raise ParentMasksError(
+            f"cannot check the Hub for the parent's {MASKS_FILE} in {spec.model!r} ({type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else err!r}); check the network (HF_ENDPOINT) and rerun"
+        ) from None
 
 
 def load_parent_masks(spec: Any, model: PreTrainedModel) -> dict[str, torch.Tensor] | None:
