@@ -23,6 +23,12 @@ def is_hub_dataset(path: str) -> bool:
     return not (path in LOCAL_BUILDERS or path.startswith(("hfprune:", ".", "/", "~")) or Path(path).exists())
 
 
+def split_of(protocol: dict[str, Any]) -> str:
+    """The split a perplexity was measured on: recorded with it, else `DatasetSpec`'s default (train),
+    which earlier results left out of their protocol."""
+    return protocol.get("dataset", {}).get("split", "train")
+
+
 def eval_results(scores: dict[str, Any]) -> list[EvalResult]:
     """This model's scores as `model-index` entries: perplexity sets, then lm-eval entries."""
     results = []
@@ -34,7 +40,7 @@ def eval_results(scores: dict[str, Any]) -> list[EvalResult]:
                 task_type="text-generation",
                 dataset_type=dataset if is_hub_dataset(dataset) else name,
                 dataset_name=name,
-                dataset_split=protocol.get("dataset", {}).get("split"),
+                dataset_split=split_of(protocol),
                 metric_type="perplexity",
                 metric_name=f"perplexity ({protocol['windows']} x {protocol['seq_len']} tokens)",
                 metric_value=round(entry["value"], 4),
@@ -61,7 +67,7 @@ def result_rows(metrics: dict[str, Any], models: list[str]) -> list[dict[str, An
     if any("tokens_trained" in metrics.get(model, {}) for model in models):
         specs.append(("tokens trained", "", ("tokens_trained",), "{:,}"))
     for name, entry in _merged(metrics, models, "perplexity").items():
-        protocol = f"{entry['protocol']['windows']} x {entry['protocol']['seq_len']} tokens"
+        protocol = f"{split_of(entry['protocol'])} split, {entry['protocol']['windows']} x {entry['protocol']['seq_len']} tokens"
         specs.append((f"perplexity ({name})", protocol, ("perplexity", name, "value"), "{:.2f}"))
     for key, entry in _merged(metrics, models, "lm_eval", "results").items():
         protocol = f"{entry['num_fewshot']}-shot, {entry['metric']}"

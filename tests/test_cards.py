@@ -100,7 +100,7 @@ def test_body_puts_every_model_side_by_side_and_says_how_it_was_made(pruned):
     recipe, report, metrics = pruned
     body = str(render_card("continued", recipe, report, metrics, None, "hfprune run r.yaml", TRAINING))
     assert "| metric | protocol | parent | pruned | **continued** (this model) | scratch |" in body
-    assert "| perplexity (pydoc) | 8 x 64 tokens | 11.00 | 55.00 | 22.00 | 33.00 |" in body
+    assert "| perplexity (pydoc) | test split, 8 x 64 tokens | 11.00 | 55.00 | 22.00 | 33.00 |" in body
     assert "| hfprune_mc | 0-shot, acc | 0.5000 | 0.2500 | 0.3750 | 0.1250 |" in body
     assert "| **average** | mean of 1 | **0.5000** | **0.2500** | **0.3750** | **0.1250** |" in body
     assert "| tokens trained |  | - | - | 4,096 | 4,096 |" in body

@@ -112,7 +112,7 @@ def test_a_registered_kind_is_a_metrics_column_a_repo_and_a_card(write_recipe, p
     assert (
         "| metric | protocol | parent | pruned | continued | scratch | **polished** (this model) |" in card
     )
-    assert "| perplexity (pydoc) | 8 x 64 tokens | 11.00 | 55.00 | 22.00 | 33.00 | 18.00 |" in card
+    assert "| perplexity (pydoc) | train split, 8 x 64 tokens | 11.00 | 55.00 | 22.00 | 33.00 | 18.00 |" in card
     assert "and `polished` the pruned model polished from the parent." in card
     assert "[org/tiny-run-polished]" in str(
         render_card("continued", recipe, report, metrics, None, "c", training)

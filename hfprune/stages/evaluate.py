@@ -53,6 +53,7 @@ def record_scores(ctx: Context, kind: str, model: PreTrainedModel, tokenizer: An
     for entry in spec.perplexity:
         batch, bos = evaluation_windows(entry.dataset, tokenizer, entry.seq_len, entry.max_windows)
         dataset = entry.dataset.model_dump(mode="json", exclude_defaults=True)
+        dataset["split"] = entry.dataset.split  # always recorded: the cards say where each number is from
         result = perplexity(model, batch, bos, dataset, spec.batch_size)
         scores[entry.name] = result.to_dict()
         logger.info("%s perplexity on %s: %.3f", kind, entry.name, result.value)
