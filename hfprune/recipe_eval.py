@@ -10,6 +10,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from hfprune.heldout import held_out_split
 from hfprune.schema import DatasetSpec, Strict, default_dataset
 
 
@@ -18,6 +19,18 @@ class PerplexitySpec(Strict):
     dataset: DatasetSpec
     seq_len: int = Field(default=512, gt=1)
     max_windows: int | None = Field(default=64, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _held_out_by_default(cls, data: Any) -> Any:
+        """An evaluation set naming no split reads its dataset's held-out split where one is known
+        (`hfprune.heldout.held_out_split`: wikitext test, c4 validation); else the loader's default."""
+        dataset = data.get("dataset") if isinstance(data, dict) else None
+        if isinstance(dataset, dict) and "split" not in dataset and isinstance(dataset.get("path"), str):
+            split = held_out_split(dataset["path"], dataset.get("data_files"))
+            if split is not None:
+                return {**data, "dataset": {**dataset, "split": split}}
+        return data
 
 
 class LmEvalTask(Strict):

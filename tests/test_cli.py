@@ -45,7 +45,7 @@ def test_python_dash_m_works():
 def test_overrides_on_the_command_line(write_recipe):
     result = invoke("prune", str(write_recipe()), "prune.ratio=0.75", "--dry-run")
     assert result.exit_code == 0, result.output
-    plan = json.loads(result.output)
+    plan = json.loads(result.stdout)  # the readable plan goes to stderr
     assert plan["target_shape"] == {"num_hidden_layers": 2}
     assert plan["ratio"]["requested"] == 0.75
     assert list(plan["stages"]) == ["prune", "card"]
