@@ -16,7 +16,7 @@ from typing import Any
 import click
 
 from hfprune import __version__
-from hfprune.cli_plan import hardware_options, plan_hardware, print_warnings
+from hfprune.cli_plan import format_metrics_table, hardware_options, plan_hardware, validate_one
 from hfprune.errors import HfpruneError
 
 
@@ -172,26 +172,6 @@ def sweep(
         )
 
 
-def format_metrics_table(metrics: dict[str, Any]) -> str:
-    """A plain-text table of perplexities: one row per evaluation set, one column per model."""
-    from hfprune import kinds
-
-    models = [m for m in kinds.names() if m in metrics]
-    sets = sorted({name for m in models for name in metrics[m].get("perplexity", {})})
-    if not sets:
-        return "(no evaluation results yet)"
-    header = ["perplexity", *models, "params (parent -> pruned)"]
-    rows = [header]
-    params = " -> ".join(
-        f"{metrics[m]['params']['total'] / 1e6:.1f}M" for m in models if "params" in metrics[m]
-    )
-    for name in sets:
-        values = [metrics[m].get("perplexity", {}).get(name, {}).get("value") for m in models]
-        rows.append([name, *("-" if v is None else f"{v:.2f}" for v in values), params])
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)) for r in rows)
-
-
 @main.command()
 @click.argument("recipes", nargs=-1, type=click.Path(dir_okay=False))
 @click.option(
@@ -216,40 +196,7 @@ def validate(recipes: tuple[str, ...], parent: bool | None, files: bool) -> None
     if not recipes:
         click.echo(f"recipes ({where}):")
     # Checked as `run` checks before any work; exit 2 for an invalid recipe, 1 for an unreadable parent.
-    sys.exit(max(_validate_one(path, parent, files) for path in paths))
-
-
-def _validate_one(path: Path, parent: bool | None, files: bool) -> int:
-    """Validate one recipe or sweep (schema, then `hfprune.preflight`); print ok or its problems."""
-    from hfprune.errors import HfpruneError
-    from hfprune.grid import load_sweep
-    from hfprune.preflight import preflight, preflight_cells
-    from hfprune.recipe import load_recipe, read_recipe_yaml
-
-    try:
-        if "sweep" in read_recipe_yaml(path):
-            cells = load_sweep(path).cells
-            check_parent = parent if parent is not None else _local_parent(cells[0].recipe)
-            checked = preflight_cells(cells, source=str(path), parent=check_parent, files=files, log=False)
-            note = f"sweep of {len(cells)} cells"
-        else:
-            recipe = load_recipe(path)
-            check_parent = parent if parent is not None else _local_parent(recipe)
-            checked = preflight(recipe, source=str(path), parent=check_parent, files=files, log=False)
-            note = ""
-    except HfpruneError as err:
-        click.echo(f"error: {err}", err=True)
-        return err.exit_code
-    if not check_parent:
-        note = ", ".join(filter(None, [note, "parent config not checked: --parent fetches it"]))
-    click.echo(f"ok       {path}" + (f" ({note})" if note else ""))
-    print_warnings(path, checked.warnings)  # held-out problems warn: the recipe is still valid
-    return 0
-
-
-def _local_parent(recipe: Any) -> bool:
-    """Whether the parent's config is at hand without the network (a local folder, GGUF included)."""
-    return Path(recipe.parent.model).expanduser().is_dir()
+    sys.exit(max(validate_one(path, parent, files) for path in paths))
 
 
 @main.command(name="ls")

@@ -12,7 +12,6 @@ missing, upload as one commit, retry with backoff. Tokens come from the environm
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import logging
 import time
@@ -30,6 +29,7 @@ from huggingface_hub.errors import (
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
 
 from hfprune import kinds
+from hfprune.config_cache import cached_config
 from hfprune.errors import RunFailure
 from hfprune.modeling import check_supported
 from hfprune.placement import place, resolve_device
@@ -101,31 +101,10 @@ def _load(what: str, spec: Any, loader: Any, **extra: Any) -> Any:
         ) from None
 
 
-_CONFIGS: dict[tuple, PretrainedConfig] = {}
-
-
 def load_parent_config(spec: Any) -> PretrainedConfig:
-    """The parent's config only (no weights): enough for plans and dry runs.
-
-    Read once per process for each parent spec (a GGUF header is a full parse of the file, and a sweep's
-    preflight and dry run ask for every cell) and again when its local files change; each caller gets
-    its own copy, free to change.
-    """
-    key = _config_key(spec)
-    if key not in _CONFIGS:
-        config = _load("config", spec, AutoConfig.from_pretrained)
-        check_supported(config)
-        _CONFIGS[key] = config
-    return copy.deepcopy(_CONFIGS[key])
-
-
-def _config_key(spec: Any) -> tuple:
-    """The spec, and the size and time of the local files the config is read from."""
-    described = spec.model_dump_json() if hasattr(spec, "model_dump_json") else repr(spec)
-    folder = Path(spec.model).expanduser()
-    files = [folder / name for name in ("config.json", spec.gguf_file) if name]
-    stats = tuple((f.stat().st_mtime_ns, f.stat().st_size) for f in files if f.is_file())
-    return (described, stats)
+    """The parent's config only (no weights): enough for plans and dry runs; read once per process
+    while its files are unchanged (`hfprune.config_cache`), each caller getting its own copy."""
+    return cached_config(spec, lambda: _load("config", spec, AutoConfig.from_pretrained), check_supported)
 
 
 def load_parent(spec: Any) -> Parent:

@@ -52,34 +52,37 @@ def describe_sweep(
             twins.setdefault(key, []).append(cell.id)
     rows = []
     for cell in cells:
-        plan = plans[cell.id]
-        states = set(plan["stages"].values())
-        status = "finished" if states == {"up to date"} else "partial" if "up to date" in states else "to run"
-        key = _planned_twin_key(cell, plan)
-        rows.append(
-            {
-                "cell": cell.id,
-                "method": cell.method,
-                "ratio": cell.ratio,
-                "ratio_achieved": plan["ratio"]["achieved"],
-                "token_budget": cell.token_budget,
-                "status": status,
-                "output_dir": plan["output_dir"],
-                "target_shape": plan["target_shape"],
-                "params": plan["params"],
-                "scratch_shared_with": [c for c in twins.get(key, []) if c != cell.id] if key else [],
-                "plan": plan.get("plan"),
-                "peaks": peaks(memory[cell.id]) if cell.id in memory else None,
-                "budget": (
-                    NO_CONTINUATION
-                    if cell.token_budget and smallest and cell.token_budget > smallest
-                    else "smallest budget of the sweep"
-                    if cell.token_budget
-                    else "no training"
-                ),
-            }
-        )
+        key = _planned_twin_key(cell, plans[cell.id])
+        shared_with = [c for c in twins.get(key, []) if c != cell.id] if key else []
+        row = _row(cell, plans[cell.id], shared_with, smallest)
+        rows.append({**row, "peaks": peaks(memory[cell.id]) if cell.id in memory else None})
     return {"sweep": sweep.name, "output_dir": str(sweep.output_path), "cells": rows}
+
+
+def _row(cell: Cell, plan: dict[str, Any], shared_with: list[str], smallest: int | None) -> dict[str, Any]:
+    """One cell of the dry run: what `describe_plan` says of it, its status and its budget's note."""
+    states = set(plan["stages"].values())
+    status = "finished" if states == {"up to date"} else "partial" if "up to date" in states else "to run"
+    return {
+        "cell": cell.id,
+        "method": cell.method,
+        "ratio": cell.ratio,
+        "ratio_achieved": plan["ratio"]["achieved"],
+        "token_budget": cell.token_budget,
+        "status": status,
+        "output_dir": plan["output_dir"],
+        "target_shape": plan["target_shape"],
+        "params": plan["params"],
+        "scratch_shared_with": shared_with,
+        "plan": plan.get("plan"),
+        "budget": (
+            NO_CONTINUATION
+            if cell.token_budget and smallest and cell.token_budget > smallest
+            else "smallest budget of the sweep"
+            if cell.token_budget
+            else "no training"
+        ),
+    }
 
 
 def _planned_twin_key(cell: Cell, plan: dict[str, Any]) -> str | None:

@@ -13,7 +13,7 @@ import transformers
 from click.testing import CliRunner
 from conftest import tiny_recipe_yaml
 
-from hfprune import hub
+from hfprune import config_cache, hub
 from hfprune.cli import main
 from hfprune.hardware import GIB, Hardware, parse_size, stated_hardware
 from hfprune.plan import DEVICE_RESERVE, plan_recipe
@@ -121,7 +121,7 @@ def test_sweep_dry_run_reads_the_parent_config_once_and_shows_each_cells_plan(
             return real(*args, **kwargs)
 
     monkeypatch.setattr(hub, "AutoConfig", CountingConfig)
-    monkeypatch.setattr(hub, "_CONFIGS", {})
+    monkeypatch.setattr(config_cache, "_CONFIGS", {})
     text = tiny_recipe_yaml("grid", tmp_path / "out", tiny_parent_dir, max_windows=4)
     text += "train:\n  seq_len: 64\n  args: {per_device_train_batch_size: 2}\n"
     text += textwrap.dedent("""\
