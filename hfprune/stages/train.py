@@ -23,7 +23,7 @@ import shutil
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, set_seed
 
 from hfprune import distributed, kinds
 from hfprune.eval import evaluation_windows
@@ -67,6 +67,7 @@ def run(ctx: Context, kind: str) -> None:
     if recovery is kinds.Recovery.LORA:
         from hfprune.recovery.lora import wrap_lora
 
+        set_seed(ctx.recipe.seed)  # the adapters' initialisation is the recipe's, not the process's history
         model = wrap_lora(model, spec.lora, masks=keep)
     work_dir = training_work_dir(ws.train_dir(kind), ctx.fingerprint(f"train_{kind}"))
     trainer, outcome = train_model(
