@@ -142,7 +142,7 @@ def _blocks(method: str, p: Shape, pruned: Shape, cal: Calibration, common: dict
 def _sequential(
     method: str, p: Shape, pruned: Shape, cal: Calibration, common: dict[str, Any]
 ) -> StageEstimate:
-    h, f, q = p.hidden, p.ffn, p.q_width
+    h = p.hidden
     batch = cal.b * cal.s * h * p.bytes
     total = cal.batches * batch
     held = total if cal.budget is None else min(total, cal.budget // batch * batch)
@@ -160,22 +160,12 @@ def _sequential(
     flops = 2 * cal.n * cal.s * p.forward_flops(cal.s, decoder_only=True)
     formula = "2 x N x S x decoder forward (statistics, then the pruned layer's outputs)"
     if method == "sparsegpt":
-        hessians = 2 * h * h + q * q + f * f
-        device.append(Term("Hessians", hessians * 4, "(2h^2 + q^2 + f^2) x 4 B (fp32, one layer)"))
-        device.append(
-            Term("inverse Hessian", 2 * f * f * 4, "2 x f^2 x 4 B (Cholesky factor of the largest)")
-        )
-        kv = p.kv_width
-        sweeps = 2 * (h * h * (q + 2 * kv + 2 * f) + h * q * q + h * f * f) + 2 * h**3 + q**3 + f**3
-        flops += 2 * cal.n * cal.s * p.layers * hessians + p.layers * sweeps
-        formula += (
-            " + 2 x N x S x L x (2h^2 + q^2 + f^2) (Hessians) + L x (2 x sum out x in^2 + sum in^3) (OBS)"
-        )
-    disk = (
-        ()
-        if held == total
-        else (Term("spilled activations", total - held, "N x S x h x b beyond the budget"),)
-    )
+        terms, extra_flops, extra_formula = _sparsegpt_terms(p, cal)
+        device += terms
+        flops += extra_flops
+        formula += extra_formula
+    spilled = Term("spilled activations", total - held, "N x S x h x b beyond the budget")
+    disk = () if held == total else (spilled,)
     return StageEstimate(
         device=tuple(device),
         host=(baseline(),),
@@ -190,12 +180,21 @@ def _sequential(
                 ("calibration activations",),
                 " (the rest spills to files under $TMPDIR)",
             ),
-            Knob(
-                "device",
-                "calibration.batch_size",
-                cal.b,
-                ("batch forward", "statistics copies"),
-            ),
+            Knob("device", "calibration.batch_size", cal.b, ("batch forward", "statistics copies")),
         ),
         **common,
     )
+
+
+def _sparsegpt_terms(p: Shape, cal: Calibration) -> tuple[list[Term], int, str]:
+    """SparseGPT's per-layer Hessians and inverse, and the FLOPs of building and sweeping them."""
+    h, f, q, kv = p.hidden, p.ffn, p.q_width, p.kv_width
+    hessians = 2 * h * h + q * q + f * f
+    terms = [
+        Term("Hessians", hessians * 4, "(2h^2 + q^2 + f^2) x 4 B (fp32, one layer)"),
+        Term("inverse Hessian", 2 * f * f * 4, "2 x f^2 x 4 B (Cholesky factor of the largest)"),
+    ]
+    sweeps = 2 * (h * h * (q + 2 * kv + 2 * f) + h * q * q + h * f * f) + 2 * h**3 + q**3 + f**3
+    flops = 2 * cal.n * cal.s * p.layers * hessians + p.layers * sweeps
+    formula = " + 2 x N x S x L x (2h^2 + q^2 + f^2) (Hessians) + L x (2 x sum out x in^2 + sum in^3) (OBS)"
+    return terms, flops, formula

@@ -64,8 +64,7 @@ def train_stage(run: str, shape: Shape, train: Any, processes: int, sparse: bool
     args = train.args
     micro, s = int(args.get("per_device_train_batch_size", 8)), train.seq_len
     mixed = bool(args.get("bf16") or args.get("fp16"))
-    a = 2 if mixed else 4
-    checkpointing = bool(args.get("gradient_checkpointing"))
+    a, checkpointing = 2 if mixed else 4, bool(args.get("gradient_checkpointing"))
     shards = processes if (args.get("fsdp") or args.get("deepspeed")) and processes > 1 else 1
     t, per_layer = micro * s, shape.saved_per_token_layer
     device = [
