@@ -61,7 +61,10 @@ def test_the_registry_knows_how_each_kind_recovers():
 def test_a_recovery_run_without_settings_gets_the_defaults_in_its_resolved_recipe(write_recipe):
     recipe = load_recipe(write_recipe("train: {token_budget: 256, runs: [lora, scratch_distilled]}\n"))
     assert recipe.train.lora.rank == 16 and recipe.train.distill.divergence == "forward_kl"
-    assert "distill:" in recipe.to_yaml() and load_recipe(write_recipe("train: {token_budget: 256}\n")).train.lora is None
+    assert (
+        "distill:" in recipe.to_yaml()
+        and load_recipe(write_recipe("train: {token_budget: 256}\n")).train.lora is None
+    )
     with pytest.raises(RecipeError, match="train.lora.rank"):
         load_recipe(write_recipe("train: {token_budget: 256, runs: [lora], lora: {rank: 0}}\n"))
 
@@ -95,7 +98,9 @@ def test_the_lora_model_is_a_plain_checkpoint_that_differs_from_the_pruned_one(s
     model = AutoModelForCausalLM.from_pretrained(folder)  # plain transformers, no peft
     pruned = AutoModelForCausalLM.from_pretrained(recipe.output_path / "models/pruned")
     assert type(model).__name__ == "LlamaForCausalLM"
-    assert not torch.equal(model.model.layers[0].mlp.down_proj.weight, pruned.model.layers[0].mlp.down_proj.weight)
+    assert not torch.equal(
+        model.model.layers[0].mlp.down_proj.weight, pruned.model.layers[0].mlp.down_proj.weight
+    )
     # Only the adapted projections changed: LoRA leaves embeddings and norms as pruned.
     torch.testing.assert_close(model.lm_head.weight, pruned.lm_head.weight, rtol=0, atol=0)
 
