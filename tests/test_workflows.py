@@ -265,6 +265,7 @@ def group_job(tmp_path: Path, inputs: dict[str, str], plan: Runner, group: dict[
     return cells
 
 
+@pytest.mark.slow  # five hfprune processes end to end: about 2 minutes on 2 cores
 def test_sweep_jobs_evaluate_the_parent_once_and_train_a_shared_twin_once(tmp_path, tiny_parent_dir):
     recipe = tmp_path / "grid.yaml"
     base = tiny_recipe_yaml("grid", tmp_path / "x", tiny_parent_dir, max_windows=4)
