@@ -66,17 +66,21 @@ def one(method: str, windows: int, args: argparse.Namespace) -> dict[str, Any]:
         options["max_activation_bytes"] = args.budget_mib * 2**20
     pruner = cls(cls.Options(**options))
     before = PeakRSS.current()
-    with PeakRSS() as rss:
-        start = time.perf_counter()
-        result = pruner.prune(parent.model, ids, 0.5, args.batch_size)
-        seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    with PeakRSS() as calibration:  # calibration and scoring; for sequential sparse methods, the whole prune
+        scores = pruner.score_for_ratios(parent.model, ids, [0.5], args.batch_size)
+        result = pruner.prune(parent.model, ids, 0.5, args.batch_size) if scores is None else None
+    with PeakRSS() as surgery:  # building the pruned model from the scores (no calibration data involved)
+        result = result or pruner.apply(parent.model, scores, 0.5)
+    seconds = time.perf_counter() - start
     ours = Path(hfprune.__file__).resolve().is_relative_to(ROOT)
     return {
         "method": method,
         "code": "this" if ours else args.label,
         "windows": int(ids.shape[0]),
         "before": before,
-        "peak": rss.peak,
+        "peak": calibration.peak,
+        "surgery_peak": surgery.peak if scores is not None else None,
         "seconds": seconds,
         "decision": decision(result.details, result.masks),
         "activations": result.details.get("activations"),
@@ -141,6 +145,9 @@ def run_child(method: str, windows: int, args: argparse.Namespace, code: Path | 
     ]
     # Two malloc arenas: per-thread arenas make the peak depend on which thread allocated what.
     env = {**os.environ, "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1", "MALLOC_ARENA_MAX": "2"}
+    # A fixed mmap threshold: large blocks are mapped and unmapped at once, so RSS follows live memory
+    # (glibc's adaptive threshold would keep freed tensors in the heap and make the peak history-dependent).
+    env["MALLOC_MMAP_THRESHOLD_"] = str(256 * 1024)
     if code is not None:
         env["PYTHONPATH"] = str(code)
     command = [sys.executable, __file__, "--child", method, str(windows), *flags]
@@ -156,11 +163,10 @@ def mib(count: float) -> str:
 
 def table(rows: list[dict[str, Any]], windows: list[int]) -> list[str]:
     cells = [f"{what}, N={n}" for what in ("peak RSS MiB", "rise MiB", "prune s") for n in windows]
+    tail = ["surgery rise MiB (largest N)", "activations held / spilled (largest N)", "same decisions"]
     lines = [
-        "| method | "
-        + " | ".join(cells)
-        + " | activations held / spilled at the largest N | same decisions |",
-        "|---|" + "---:|" * len(cells) + "---|---|",
+        "| method | " + " | ".join([*cells, *tail]) + " |",
+        "|---|" + "---:|" * (len(cells) + 1) + "---|---|",
     ]
     for method, code in dict.fromkeys((r["method"], r["code"]) for r in rows):
         mine = {r["windows"]: r for r in rows if (r["method"], r["code"]) == (method, code)}
@@ -168,13 +174,15 @@ def table(rows: list[dict[str, Any]], windows: list[int]) -> list[str]:
         peak = [mib(r["peak"]) if r else "-" for r in runs]
         rise = [mib(r["peak"] - r["before"]) if r else "-" for r in runs]
         secs = [f"{r['seconds']:.0f}" if r else "-" for r in runs]
-        last = mine[max(mine)]["activations"]
-        held = f"{mib(last['held_bytes'])} / {mib(last['spilled_bytes'])} MiB" if last else "none (streamed)"
+        last = mine[max(mine)]
+        surgery = mib(last["surgery_peak"] - last["before"]) if last.get("surgery_peak") else "(in prune)"
+        acts = last["activations"]
+        held = f"{mib(acts['held_bytes'])} / {mib(acts['spilled_bytes'])} MiB" if acts else "none (streamed)"
         others = {(r["windows"], r["decision"]) for r in rows if r["method"] == method and r["code"] != code}
         ours = {(n, r["decision"]) for n, r in mine.items() if n in {w for w, _ in others}}
         same = "-" if not others else "yes" if others == ours else "no"
         label = method if code == "this" else f"{method}, {code}"
-        lines.append(f"| {label} | " + " | ".join([*peak, *rise, *secs, held, same]) + " |")
+        lines.append(f"| {label} | " + " | ".join([*peak, *rise, *secs, surgery, held, same]) + " |")
     return lines
 
 
@@ -203,8 +211,11 @@ def section(rows: list[dict[str, Any]], args: argparse.Namespace, total_s: float
         f"at N={largest}), on top of the same working set."
     )
     notes = (
-        "'peak RSS' is the whole process (parent, tokenizer, libraries, pruning), sampled every 5 ms while "
-        "`prune` runs; 'rise' is that peak minus the RSS just before `prune`. 'activations held / spilled' "
+        "'peak RSS' is the whole process (parent in float32, tokenizer, libraries), sampled every 5 ms "
+        "during calibration and scoring (`score_for_ratios`; for wanda and sparsegpt, whose calibration is "
+        "interleaved with pruning, the whole sequential `prune`, masks included); 'rise' is that peak minus "
+        "the RSS just before. 'surgery rise' is the same while `apply` builds the pruned model from the "
+        "scores (no calibration data involved). 'prune s' is scoring plus surgery. 'activations held / spilled' "
         "is the sequential walk's report (`prune_report.json` `activations`) at the largest N. 'same "
         "decisions': the kept layers, channels or masks equal those of the other code's row at every N both "
         "ran. Times are on a shared machine and only comparable within a row."
@@ -222,7 +233,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--windows", type=int, nargs="+", default=[8, 32, 128])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument(
-        "--depth-windows", type=int, nargs="+", help="for minitron_depth (default: --windows)"
+        "--windows-for",
+        nargs="+",
+        default=[],
+        metavar="METHOD=N,N",
+        help="other window counts for the slow methods, e.g. minitron_depth=2,8",
     )
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=8)
@@ -236,7 +251,16 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--child", nargs=2, metavar=("METHOD", "WINDOWS"), help=argparse.SUPPRESS)
     parser.add_argument("--prepared", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--label", help=argparse.SUPPRESS)
-    return parser.parse_args()
+    args = parser.parse_args()
+    try:
+        args.per_method = {
+            k: [int(n) for n in v.split(",")] for k, v in (i.split("=") for i in args.windows_for)
+        }
+    except ValueError:
+        parser.error("--windows-for takes METHOD=N,N,... items")
+    if unknown := set(args.per_method) - set(METHODS):
+        parser.error(f"--windows-for: unknown method(s) {sorted(unknown)}; known: {', '.join(METHODS)}")
+    return args
 
 
 def main() -> None:
@@ -250,13 +274,14 @@ def main() -> None:
     begin, rows = time.perf_counter(), []
     with tempfile.TemporaryDirectory(prefix="hfprune-bench-") as scratch:
         args.prepared = Path(scratch) / "parent"
-        prepare(args.prepared, max([*args.windows, *(args.depth_windows or [])]), args.seq_len)
+        largest = max([*args.windows, *(n for counts in args.per_method.values() for n in counts)])
+        prepare(args.prepared, largest, args.seq_len)
         runs: list[tuple[str, Path | None]] = [(m, None) for m in args.methods]
         if args.before:
             code = previous_code(args.before, Path(scratch))
             runs += [(m, code) for m in args.before_methods]
         for method, code in runs:
-            counts = args.depth_windows if method == "minitron_depth" and args.depth_windows else args.windows
+            counts = args.per_method.get(method, args.windows)
             for windows in counts:
                 row = run_child(method, windows, args, code)
                 print(f"[{(time.perf_counter() - begin) / 60:.1f} min] {row}", flush=True)
