@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from transformers import PreTrainedModel
 
 from hfprune.errors import RunFailure
@@ -78,7 +79,7 @@ def load_parent_masks(spec: Any, model: PreTrainedModel) -> dict[str, torch.Tens
         return None
     try:
         masks = load_masks(path)
-    except (ValueError, KeyError, OSError) as err:
+    except (ValueError, KeyError, OSError, SafetensorError) as err:  # not a mask file, or a damaged one
         raise ParentMasksError(
             f"cannot read the parent's masks {path}: {err}; restore the file from where the parent was "
             "published, or remove it to prune the parent as a dense model"

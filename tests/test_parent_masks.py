@@ -54,7 +54,9 @@ def test_the_parent_is_loaded_with_its_masks_and_masked_weights_are_zero(sparse_
     assert load_parent(ParentSpec(model=str(tiny_parent_dir), device="cpu")).masks is None
 
 
-def test_a_mask_file_that_does_not_fit_the_weights_is_one_clear_failure(sparse_parent, tmp_path):
+def test_a_mask_file_that_is_damaged_or_does_not_fit_the_weights_is_one_clear_failure(
+    sparse_parent, tmp_path
+):
     other = tmp_path / "other"
     shutil.copytree(sparse_parent, other)
     masks = load_masks(other / "sparsity_masks.safetensors")
@@ -62,6 +64,9 @@ def test_a_mask_file_that_does_not_fit_the_weights_is_one_clear_failure(sparse_p
     masks[name] = masks[name][:, :-1]
     save_masks(masks, other / "sparsity_masks.safetensors")
     with pytest.raises(ParentMasksError, match=f"do not fit its weights.*{name}"):
+        loaded(other)
+    (other / "sparsity_masks.safetensors").write_bytes(b"junk")
+    with pytest.raises(ParentMasksError, match="cannot read the parent's masks .*remove it"):
         loaded(other)
 
 
