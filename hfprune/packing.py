@@ -25,6 +25,8 @@ from typing import Any
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from hfprune.data import iter_texts
+
 
 logger = logging.getLogger(__name__)
 
@@ -131,3 +133,15 @@ class PackedTokenStream(IterableDataset):
                 yield pool.pop()
         rng.shuffle(pool)
         yield from pool
+
+
+def training_stream(spec: Any, tokenizer: Any, seed: int) -> PackedTokenStream:
+    """The packed stream of a recipe's `train` section: every trained kind of a run sees it identically."""
+    return PackedTokenStream(
+        lambda: iter_texts(spec.dataset),
+        tokenizer,
+        spec.seq_len,
+        skip_tokens=spec.skip_tokens,
+        seed=seed,
+        shuffle_buffer=spec.shuffle_buffer,
+    )

@@ -36,12 +36,11 @@ from hfprune.checkpoints import (
     quiet_empty_epoch,
     spent_budget,
 )
-from hfprune.data import iter_texts
 from hfprune.errors import RunFailure
 from hfprune.eval import perplexity
 from hfprune.failures import writes_to
 from hfprune.packed_masks import KeepMask
-from hfprune.packing import PackedTokenStream
+from hfprune.packing import PackedTokenStream, training_stream
 from hfprune.sharding import (
     load_for_training,
     masks_for_training,
@@ -213,6 +212,13 @@ def check_dataset_covers_budget(stream: PackedTokenStream, needed_tokens: int) -
     )
 
 
+def check_positions(model: PreTrainedModel, seq_len: int) -> None:
+    """`train.seq_len` must fit the model's positions (checked again here for library callers)."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and seq_len > limit:
+        raise TrainingSetupError(f"train.seq_len {seq_len} exceeds the model's limit of {limit} positions")
+
+
 def train_model(
     model: PreTrainedModel,
     tokenizer: Any,
@@ -229,20 +235,9 @@ def train_model(
 
     `train_loss` replaces the model's loss on training micro-batches (`PruneTrainer(train_loss=...)`,
     e.g. `hfprune.recovery.distill.DistillationLoss`); token accounting is unchanged by it."""
-    limit = getattr(model.config, "max_position_embeddings", None)
-    if limit is not None and spec.seq_len > limit:
-        raise TrainingSetupError(
-            f"train.seq_len {spec.seq_len} exceeds the model's limit of {limit} positions"
-        )
+    check_positions(model, spec.seq_len)
     args, tokens_per_step = training_arguments(spec, seed, work_dir)
-    stream = PackedTokenStream(
-        lambda: iter_texts(spec.dataset),
-        tokenizer,
-        spec.seq_len,
-        skip_tokens=spec.skip_tokens,
-        seed=seed,
-        shuffle_buffer=spec.shuffle_buffer,
-    )
+    stream = training_stream(spec, tokenizer, seed)
     resume = last_complete_checkpoint(work_dir / "checkpoints")
     finished = resume is not None and spent_budget(resume, args.max_steps, spec.token_budget)
     if not finished and not spec.dataset.streaming:

@@ -56,13 +56,7 @@ def run(ctx: Context, kind: str) -> None:
     # Bit-packed masks (this rank's shard under FSDP); fp32 master weights whatever the checkpoint
     # dtype, read once per job under FSDP's RAM-efficient loading; the twin never beside a loaded copy.
     masks = masks_for_training(ws.masks_path, spec.args, twin=from_twin)
-    if from_twin:
-        reinit = spec.reinit_embeddings_and_norms
-        model = twin_for_training(
-            ws.pruned_dir, spec.args, seed=ctx.recipe.seed, masks=masks, reinit_embeddings_and_norms=reinit
-        )
-    else:
-        model = load_for_training(ws.pruned_dir, spec.args)
+    model = starting_model(ctx, from_twin, masks)
     keep = {name: mask.unpack() for name, mask in masks.items()} if masks else None
     if recovery is kinds.Recovery.LORA:
         from hfprune.recovery.lora import wrap_lora
@@ -99,6 +93,17 @@ def run(ctx: Context, kind: str) -> None:
     evaluable = merged if merged is not None else trained_model_for_eval(trainer)
     if evaluable is not None:
         ctx.models[kind] = evaluable
+
+
+def starting_model(ctx: Context, from_twin: bool, masks: Any) -> Any:
+    """The pruned model as saved, or its random-init twin of the same shape (and masks)."""
+    spec, folder = ctx.recipe.train, ctx.workspace.pruned_dir
+    if not from_twin:
+        return load_for_training(folder, spec.args)
+    reinit = spec.reinit_embeddings_and_norms
+    return twin_for_training(
+        folder, spec.args, seed=ctx.recipe.seed, masks=masks, reinit_embeddings_and_norms=reinit
+    )
 
 
 def record_training(ctx: Context, kind: str, trainer: Any, outcome: Any) -> None:
