@@ -252,6 +252,8 @@ class LayerWalk:
                     yield step
                     start = time.perf_counter()
                     step.advance()
+                    if store.device.type == "cuda":
+                        torch.cuda.synchronize(store.device)  # kernels are asynchronous: time them here
                     self.advance_seconds += time.perf_counter() - start
                 del step  # a caller that keeps steps keeps their outputs; the walk itself does not
 
