@@ -89,6 +89,11 @@ def shareable_recipe(recipe: Recipe) -> str:
     notes = []
     if parent["local"]:
         notes.append(f"parent.model was a local checkpoint named {parent['name']!r}: point it at your copy")
+    elif recipe.parent.gguf_file and recipe.parent.model != recipe.parent.hub_id:
+        notes.append(
+            f"parent.gguf_file {recipe.parent.gguf_file!r} was read from a local folder, not from "
+            f"{recipe.parent.hub_id}: point parent.model at the folder that holds it"
+        )
     for section in ("calibration", "train"):
         if data.get(section) and data[section].get("dataset"):
             data[section]["dataset"] = _shareable_dataset(data[section]["dataset"])

@@ -161,3 +161,21 @@ def test_an_interrupted_recovery_run_resumes_from_its_checkpoint(write_recipe, m
     expected = load_file(straight / "model.safetensors")
     for name, tensor in expected.items():
         torch.testing.assert_close(resumed[name], tensor, rtol=0, atol=1e-5, msg=name)
+
+
+def test_the_random_init_twin_can_be_distilled_from_the_parent(write_recipe):
+    """`scratch_distilled`: the control "random init distilled from the parent", same tokens as scratch."""
+    recipe = load_recipe(
+        write_recipe(TRAIN), ["train.runs=[scratch,scratch_distilled]", "train.token_budget=256"]
+    )
+    summary = pipeline.run(recipe)
+    models = recipe.output_path / "models"
+    assert tokens(models / "scratch_distilled") == tokens(models / "scratch") >= 256
+    assert summary.metrics["scratch_distilled"]["recovery"]["kind"] == "distill"
+    scratch = load_file(models / "scratch/model.safetensors")
+    distilled = load_file(models / "scratch_distilled/model.safetensors")
+    assert not torch.equal(scratch["lm_head.weight"], distilled["lm_head.weight"])  # a different loss
+    card = (models / "scratch_distilled/README.md").read_text()
+    assert (
+        "random-init baseline distilled from the parent" in card and "base_model" not in card.split("---")[1]
+    )
