@@ -23,8 +23,8 @@ from dataclasses import asdict, dataclass
 from itertools import groupby
 from pathlib import Path
 from typing import Any
-from hfprune.errors import RunFailure
 
+from hfprune.errors import RunFailure
 
 
 logger = logging.getLogger(__name__)

@@ -109,7 +109,8 @@ class TrainSpec(Strict):
     )
     args: dict[str, Any] = Field(default_factory=dict, description="passed to transformers.TrainingArguments")
     distill: DistillSpec | None = Field(
-        default=None, description="logit distillation from the parent, for the runs that distil (e.g. distilled)"
+        default=None,
+        description="logit distillation from the parent, for the runs that distil (e.g. distilled)",
     )
     lora: LoraSpec | None = Field(default=None, description="LoRA recovery, for the runs that use it (lora)")
 

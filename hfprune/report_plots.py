@@ -36,7 +36,9 @@ def plot_curves(rows: list[RunRow], path: Path) -> bool:
     for ax, method in zip(axes.flat, methods, strict=False):
         for row in _longest_per_ratio([r for r in rows if r.method == method and r.curves]):
             colour = f"C{ratios.index(row.ratio)}"  # one colour per ratio, one line style per trained kind
-            for run, style in zip(kinds.trained_names(), itertools.cycle(("-", "--", ":", "-.")), strict=False):
+            for run, style in zip(
+                kinds.trained_names(), itertools.cycle(("-", "--", ":", "-.")), strict=False
+            ):
                 points = row.curves.get(run, [])
                 if points:
                     ax.plot([p["tokens"] for p in points], [p["perplexity"] for p in points], style,

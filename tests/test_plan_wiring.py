@@ -188,7 +188,7 @@ def test_a_run_logs_the_held_out_warning_and_the_plan_before_any_work(write_reci
 
 def test_an_evaluation_set_naming_no_split_reads_the_held_out_one(write_recipe):
     path = write_recipe()
-    path.write_text(path.read_text().replace(', split: test}', "}"))
+    path.write_text(path.read_text().replace(", split: test}", "}"))
     recipe = load_recipe(path)
     assert recipe.eval.perplexity[0].dataset.split == "test"  # pydoc's held-out split, not train
     assert recipe.calibration.dataset.split == "train"  # calibration keeps reading the training split

@@ -14,9 +14,9 @@ import torch
 from conftest import tiny_config, tiny_model
 from transformers import LlamaConfig
 
+from hfprune.architectures.llama import LLAMA
 from hfprune.masks import load_masks, save_masks
 from hfprune.pruners import get_pruner
-from hfprune.architectures.llama import LLAMA
 from hfprune.pruners._sparse_math import (
     HessianError,
     Pattern,
