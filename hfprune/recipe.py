@@ -202,9 +202,16 @@ class Recipe(Strict):
         for section, key in PLACEMENT_KEYS:
             if isinstance(dump.get(section), dict):
                 dump[section].pop(key, None)
+        for section, key in OPTIONAL_KEYS:  # unset, they hash as before they existed
+            if isinstance(dump.get(section), dict) and dump[section].get(key) is None:
+                dump[section].pop(key, None)
         data = {key: dump[key] for key in sections}
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
+
+# (section, key) pairs of optional settings added later: left out of a fingerprint while unset, so a run
+# made before they existed stays current.
+OPTIONAL_KEYS = (("train", "distill"), ("train", "lora"))
 
 # (section, key) pairs that say where work runs, not what it computes: not part of any fingerprint.
 PLACEMENT_KEYS = (("parent", "device"),)

@@ -204,3 +204,25 @@ def test_a_budget_below_one_step_is_left_to_preflight(tmp_path):
         write(tmp_path, MINIMAL + TRAIN % "per_device_train_batch_size: 2"), ["train.token_budget=10"]
     )
     assert recipe.train is not None and recipe.train.token_budget == 10
+
+
+TRAIN_SECTION = """
+train:
+  token_budget: 2000
+  seq_len: 32
+  args: {per_device_train_batch_size: 4}
+"""
+
+
+def test_unset_recovery_settings_leave_the_train_fingerprint_as_before(write_recipe):
+    import hashlib
+    import json
+
+    recipe = load_recipe(write_recipe(TRAIN_SECTION))
+    dump = recipe.model_dump(mode="json")["train"]
+    assert dump["distill"] is None and dump["lora"] is None
+    del dump["distill"], dump["lora"]  # the train section as it was before these settings existed
+    before = hashlib.sha256(json.dumps({"train": dump}, sort_keys=True).encode()).hexdigest()[:16]
+    assert recipe.fingerprint("train") == before
+    distilled = load_recipe(write_recipe(TRAIN_SECTION + "  distill: {alpha: 0.5}\n"))
+    assert distilled.fingerprint("train") != before
