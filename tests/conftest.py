@@ -41,14 +41,13 @@ def train_tiny_tokenizer(vocab_size: int = VOCAB_SIZE):
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="</s>")
 
 
-def tiny_config(**overrides):
-    from transformers import LlamaConfig
-
-    values = {
+def tiny_shape(num_hidden_layers: int) -> dict:
+    """The fields every tiny test parent shares, whatever its family."""
+    return {
         "vocab_size": VOCAB_SIZE,
         "hidden_size": 64,
         "intermediate_size": 128,
-        "num_hidden_layers": 8,
+        "num_hidden_layers": num_hidden_layers,
         "num_attention_heads": 4,
         "num_key_value_heads": 2,
         "max_position_embeddings": 256,
@@ -57,8 +56,12 @@ def tiny_config(**overrides):
         "eos_token_id": 1,
         "pad_token_id": 1,
     }
-    values.update(overrides)
-    return LlamaConfig(**values)
+
+
+def tiny_config(**overrides):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(**{**tiny_shape(num_hidden_layers=8), **overrides})
 
 
 def tiny_model(seed: int = 0, **overrides):
@@ -125,20 +128,7 @@ def tiny_family_model(model_type: str, seed: int = 0, **overrides):
     drops or misplaces one changes the output."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    values = {
-        "vocab_size": VOCAB_SIZE,
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_hidden_layers": 4,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "max_position_embeddings": 256,
-        "tie_word_embeddings": False,
-        "bos_token_id": 0,
-        "eos_token_id": 1,
-        "pad_token_id": 1,
-    }
-    values.update(overrides)
+    values = {**tiny_shape(num_hidden_layers=4), **overrides}
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **values))
     with torch.no_grad():
