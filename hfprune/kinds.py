@@ -58,6 +58,8 @@ class ModelKind:
             (or when the run made nothing that is published by default).
         default_run: Trained when the recipe's `train.runs` is not given (trained kinds only).
         recovery: How a trained kind trains: None (plain next-token loss) or a `Recovery`.
+        budget_from_pipeline: Trains on the whole pipeline's tokens (the parent's pretraining tokens plus
+            `train.token_budget`: setting 2 of the study) instead of `train.token_budget` (setting 1).
     """
 
     name: str
@@ -70,6 +72,15 @@ class ModelKind:
     published_by_default: bool = False
     default_run: bool = False
     recovery: Recovery | None = None
+    budget_from_pipeline: bool = False
+
+    @property
+    def setting(self) -> int | None:
+        """The study's setting a trained kind's numbers belong to: 1 (same token budget as the continued
+        model) or 2 (the whole pipeline's budget); None for kinds that are not trained."""
+        if not self.trained:
+            return None
+        return 2 if self.budget_from_pipeline else 1
 
     @property
     def trained(self) -> bool:
@@ -184,5 +195,12 @@ SCRATCH_DISTILLED = register(ModelKind(
     "scratch_distilled", Making.FROM_TWIN, "the random-init twin trained against the parent's logits",
     repo_suffix="-scratch-distilled", card_template="scratch_distilled", tags=("random-init", "distillation"),
     published_by_default=True, recovery=Recovery.DISTILL,
+))
+# Setting 2 of the study: the twin gets the tokens of the whole pipeline (the parent's pretraining too).
+SCRATCH_PIPELINE = register(ModelKind(
+    "scratch_pipeline", Making.FROM_TWIN,
+    "its random-init twin trained on the whole pipeline's tokens (parent pretraining + budget)",
+    repo_suffix="-scratch-pipeline", card_template="scratch_pipeline", tags=("random-init", "pipeline-budget"),
+    published_by_default=True, budget_from_pipeline=True,
 ))
 # fmt: on

@@ -12,7 +12,6 @@ is checked next, by `hfprune.preflight`.
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
 from pathlib import Path
@@ -27,13 +26,20 @@ from hfprune.pruners import PRUNERS, UnknownPrunerError, get_pruner
 from hfprune.recipe_eval import EvalSpec
 from hfprune.recipe_raw import RecipeError, read_recipe_yaml
 from hfprune.recipe_raw import apply_overrides as _apply_overrides
+from hfprune.recipe_training import DERIVED_TRAINING_ARGS, PretrainSpec, TokenTraining  # noqa: F401 (re-exported)
 from hfprune.recovery.specs import DistillSpec, LoraSpec
 from hfprune.schema import DatasetSpec, Strict, default_dataset
 from hfprune.train_args import training_args_problems
 
 
 class ParentSpec(Strict):
-    model: str = Field(description="Hub repo id or local directory")
+    """The model pruned: loaded from the Hub or a folder, or (with `pretrain`) made by hfprune itself and
+    written to `model` (default `<output_dir>/models/parent`)."""
+
+    model: str | None = Field(
+        default=None,
+        description="Hub repo id or local directory (with pretrain: where the parent is written)",
+    )
     revision: str | None = None
     gguf_file: str | None = Field(default=None, description="GGUF file inside `model`, dequantized on load")
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
@@ -44,6 +50,25 @@ class ParentSpec(Strict):
     device: str | int = Field(
         default="auto", description="auto (the accelerator when there is one) | cpu | cuda | cuda:N | N"
     )
+    pretrain: PretrainSpec | None = Field(default=None, description="make the parent: pretrain a fresh Llama")
+    pretrained_tokens: int | None = Field(
+        default=None,
+        gt=0,
+        description="tokens the parent was pretrained on (from its card, e.g. 15e12 for Llama-3.1-8B); "
+        "with `pretrain` it is the pretraining budget. The whole pipeline's budget for setting 2",
+    )
+
+    @model_validator(mode="after")
+    def _source(self) -> ParentSpec:
+        if self.pretrain is None and self.model is None:
+            raise ValueError("give `model` (Hub id or folder), or a `pretrain` section to make the parent")
+        if self.pretrain is not None:
+            if self.pretrained_tokens not in (None, self.pretrain.token_budget):
+                raise ValueError("pretrained_tokens is the pretrain section's token_budget: leave it out")
+            if self.gguf_file or self.revision:
+                raise ValueError("a pretrained-here parent is a local folder: no gguf_file or revision")
+            object.__setattr__(self, "pretrained_tokens", self.pretrain.token_budget)
+        return self
 
     @field_validator("device")
     @classmethod
@@ -76,38 +101,15 @@ class CalibrationSpec(Strict):
     batch_size: int = Field(default=1, gt=0)
 
 
-# TrainingArguments that hfprune derives itself; a recipe setting them would silently be overridden.
-DERIVED_TRAINING_ARGS = {
-    "output_dir": "set by hfprune under <output_dir>/.hfprune/train",
-    "max_steps": "derived from train.token_budget",
-    "num_train_epochs": "derived from train.token_budget",
-    "lr_scheduler_type": "cosine to a floor, derived from train.token_budget",
-    "lr_scheduler_kwargs": "use train.min_lr_ratio",
-    "warmup_steps": "use train.warmup_ratio",
-    "warmup_ratio": "use train.warmup_ratio",
-    "include_num_input_tokens_seen": "always 'non_padding' (exact token accounting)",
-    "seed": "use the recipe's seed",
-    "data_seed": "use the recipe's seed",
-}
-
-
-class TrainSpec(Strict):
+class TrainSpec(TokenTraining):
     """Continued training of the pruned model and of its random-init twin on the same token stream."""
 
     runs: list[str] = Field(
         default_factory=kinds.default_runs, min_length=1, description="trained model kinds (hfprune.kinds)"
     )
-    token_budget: int = Field(gt=0, description="tokens each model trains on (summed over processes)")
-    dataset: DatasetSpec = Field(default_factory=lambda: default_dataset("train"))
-    seq_len: int = Field(default=512, gt=1)
-    skip_tokens: int = Field(default=0, ge=0, description="start the stream after this many tokens")
-    shuffle_buffer: int = Field(default=1000, gt=0)
-    warmup_ratio: float = Field(default=0.05, ge=0, lt=1)
-    min_lr_ratio: float = Field(default=0.1, ge=0, le=1)
     reinit_embeddings_and_norms: bool = Field(
         default=True, description="the scratch twin re-initialises embeddings and norms too"
     )
-    args: dict[str, Any] = Field(default_factory=dict, description="passed to transformers.TrainingArguments")
     distill: DistillSpec | None = Field(
         default=None,
         description="logit distillation from the parent, for the runs that distil (e.g. distilled)",
@@ -133,26 +135,6 @@ class TrainSpec(Strict):
         if len(set(runs)) != len(runs):
             raise ValueError("each run may appear once")
         return runs
-
-    @field_validator("args")
-    @classmethod
-    def _known_training_args(cls, args: dict[str, Any]) -> dict[str, Any]:
-        import dataclasses
-
-        from transformers import TrainingArguments
-
-        known = {f.name for f in dataclasses.fields(TrainingArguments)}
-        problems = []
-        for key in args:
-            if key in DERIVED_TRAINING_ARGS:
-                problems.append(f"{key!r} cannot be set here ({DERIVED_TRAINING_ARGS[key]})")
-            elif key not in known:
-                close = difflib.get_close_matches(key, known, n=1)
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
-                problems.append(f"{key!r} is not a TrainingArguments field{hint}")
-        if problems:
-            raise ValueError("; ".join(problems))
-        return args
 
 
 class PushSpec(Strict):
@@ -185,9 +167,40 @@ class Recipe(Strict):
     train: TrainSpec | None = None
     push: PushSpec = Field(default_factory=PushSpec)
 
+    @model_validator(mode="after")
+    def _pipeline_budget(self) -> Recipe:
+        if self.parent.pretrain is not None and self.parent.model is None:
+            object.__setattr__(self.parent, "model", str(self.output_path / "models" / kinds.PARENT.name))
+        pipeline_runs = [
+            run for run in (self.train.runs if self.train else []) if kinds.get(run).budget_from_pipeline
+        ]
+        if pipeline_runs and self.parent.pretrained_tokens is None:
+            raise ValueError(
+                f"train.runs {pipeline_runs} train on the whole pipeline's tokens: give parent.pretrained_tokens "
+                "(the parent's pretraining tokens, from its card) or a parent.pretrain section"
+            )
+        return self
+
     @property
     def output_path(self) -> Path:
         return Path(self.output_dir or f"runs/{self.name}")
+
+    def token_budget(self, kind: str) -> int:
+        """The tokens `kind` trains on: `train.token_budget`, plus the parent's pretraining tokens for a kind
+        that gets the whole pipeline's budget (setting 2 of the study)."""
+        assert self.train is not None
+        extra = (self.parent.pretrained_tokens or 0) if kinds.get(kind).budget_from_pipeline else 0
+        return self.train.token_budget + extra
+
+    def train_spec(self, kind: str) -> TrainSpec:
+        """`train` as `kind` trains it (its own token budget)."""
+        assert self.train is not None
+        budget = self.token_budget(kind)
+        return (
+            self.train
+            if budget == self.train.token_budget
+            else self.train.model_copy(update={"token_budget": budget})
+        )
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

@@ -28,6 +28,7 @@ from transformers import AutoTokenizer, set_seed
 from hfprune import distributed, kinds
 from hfprune.eval import evaluation_windows
 from hfprune.outputs import distributed_staging_dir
+from hfprune.seeds import Role, role_seed
 from hfprune.training import (
     HeldOutCurveCallback,
     learning_curve,
@@ -47,7 +48,7 @@ if TYPE_CHECKING:
 
 
 def run(ctx: Context, kind: str) -> None:
-    spec, ws = ctx.recipe.train, ctx.workspace
+    spec, ws = ctx.recipe.train_spec(kind), ctx.workspace
     recovery = kinds.get(kind).recovery
     from_twin = kinds.get(kind).making is kinds.Making.FROM_TWIN
     if from_twin and ctx.providers.twins.take(ctx, kind):
@@ -61,7 +62,8 @@ def run(ctx: Context, kind: str) -> None:
     if recovery is kinds.Recovery.LORA:
         from hfprune.recovery.lora import wrap_lora
 
-        set_seed(ctx.recipe.seed)  # the adapters' initialisation is the recipe's, not the process's history
+        # The adapters' initialisation is the recipe's (its own stream), not the process's history.
+        set_seed(role_seed(ctx.recipe.seed, Role.ADAPTER_INIT))
         model = wrap_lora(model, spec.lora, masks=keep)
     work_dir = training_work_dir(ws.train_dir(kind), ctx.fingerprint(f"train_{kind}"))
     trainer, outcome = train_model(
@@ -69,7 +71,7 @@ def run(ctx: Context, kind: str) -> None:
         tokenizer,
         spec,
         run=kind,
-        seed=ctx.recipe.seed,
+        seed=role_seed(ctx.recipe.seed, Role.DATA_ORDER),
         work_dir=work_dir,
         masks=masks,
         callbacks=curve_callbacks(ctx, tokenizer),
@@ -101,15 +103,20 @@ def starting_model(ctx: Context, from_twin: bool, masks: Any) -> Any:
     if not from_twin:
         return load_for_training(folder, spec.args)
     reinit = spec.reinit_embeddings_and_norms
-    return twin_for_training(
-        folder, spec.args, seed=ctx.recipe.seed, masks=masks, reinit_embeddings_and_norms=reinit
-    )
+    # The twin's own seed stream: never the initialisation of a parent pretrained from the recipe seed.
+    seed = role_seed(ctx.recipe.seed, Role.TWIN_INIT)
+    return twin_for_training(folder, spec.args, seed=seed, masks=masks, reinit_embeddings_and_norms=reinit)
 
 
 def record_training(ctx: Context, kind: str, trainer: Any, outcome: Any) -> None:
-    """The kind's training in metrics.json (its recovery settings too), replacing earlier scores."""
+    """The kind's training in metrics.json (its recovery settings and study setting too), replacing
+    earlier scores."""
     spec = ctx.recipe.train
-    trained: dict[str, Any] = {"tokens_trained": outcome.tokens_trained, "training": outcome.to_dict()}
+    trained: dict[str, Any] = {
+        "tokens_trained": outcome.tokens_trained,
+        "training": outcome.to_dict(),
+        "setting": kinds.get(kind).setting,
+    }
     recovery = kinds.get(kind).recovery
     if recovery is not None:
         settings = getattr(spec, str(recovery))
