@@ -50,7 +50,12 @@ def dataset_reference(dataset: dict[str, Any]) -> str:
     path, split = dataset.get("path", "?"), dataset.get("split")
     on_split = f", split {split}" if split else ""
     if path.startswith("hfprune:"):
-        return f"`{path}` (the Python documentation shipped with every interpreter{on_split})"
+        what = (
+            "the Python standard library's source"
+            if path == "hfprune:python_stdlib"
+            else "the Python documentation"
+        )
+        return f"`{path}` ({what} shipped with every interpreter{on_split})"
     if is_hub_dataset(path):
         details = ", ".join(
             d

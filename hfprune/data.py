@@ -1,8 +1,8 @@
 """Text sources for calibration, evaluation and training: dataset specs -> texts -> token windows.
 
 Everything that reads a corpus goes through `iter_texts`, which wraps `datasets.load_dataset`
-(local `json`/`text` files work offline, `streaming` reads lazily) and adds one built-in corpus,
-`hfprune:pydoc_topics`, the Python documentation shipped with every interpreter.
+(local `json`/`text` files work offline, `streaming` reads lazily) and adds the built-in corpora of
+`hfprune.corpora` (`hfprune:pydoc_topics`, `hfprune:python_stdlib`), text shipped with every interpreter.
 """
 
 from __future__ import annotations
@@ -124,19 +124,14 @@ def _root_cause(err: BaseException) -> str:
 
 
 def _builtin_texts(name: str, split: str) -> Iterator[str]:
-    if name != "pydoc_topics":
-        raise DatasetError(
-            f"unknown built-in dataset {BUILTIN_PREFIX}{name}; available: {BUILTIN_PREFIX}pydoc_topics"
-        )
-    from pydoc_data.topics import topics
+    from hfprune.corpora import CORPORA, SPLITS
 
-    # A fixed, content-independent split: every tenth topic (sorted by name) is held out as `test`.
-    names = sorted(topics)
-    if split not in {"train", "test"}:
-        raise DatasetError(f"{BUILTIN_PREFIX}pydoc_topics has splits 'train' and 'test', not {split!r}")
-    for i, key in enumerate(names):
-        if (i % 10 == 9) == (split == "test"):
-            yield topics[key]
+    if name not in CORPORA:
+        known = ", ".join(BUILTIN_PREFIX + n for n in CORPORA)
+        raise DatasetError(f"unknown built-in dataset {BUILTIN_PREFIX}{name}; available: {known}")
+    if split not in SPLITS:
+        raise DatasetError(f"{BUILTIN_PREFIX}{name} has splits 'train' and 'test', not {split!r}")
+    yield from CORPORA[name](split)
 
 
 def token_stream(spec: DatasetLike, tokenizer: Any, limit: int | None = None) -> list[int]:

@@ -46,7 +46,12 @@ _FILE_BUILDERS = {"json", "text", "csv", "parquet", "arrow"}
 OFFSET_MARGIN = 0.05
 
 # The split an evaluation set should read when the recipe names none: the corpus's held-out split.
-HELD_OUT_SPLITS = {"salesforce/wikitext": "test", "allenai/c4": "validation", "hfprune:pydoc_topics": "test"}
+HELD_OUT_SPLITS = {
+    "salesforce/wikitext": "test",
+    "allenai/c4": "validation",
+    "hfprune:pydoc_topics": "test",
+    "hfprune:python_stdlib": "test",
+}
 
 
 @dataclass(frozen=True)
