@@ -8,7 +8,8 @@ gap), learning curves of continued vs scratch on the same token axis, and the ga
 against budget. Scores are held-out perplexity (lower is better), so a negative gap means the pruned
 initialisation is ahead. The models compared are the kinds of `hfprune.kinds` (one score column each),
 and the gap is the one between the kind trained from the pruned weights and the one trained from the
-random-init twin (`kinds.comparison()`).
+random-init twin (`kinds.comparison()`). A study's sweep (cells with both settings' twins) also gets
+the paper's Figure 1 and a findings table, one verdict per claim (`hfprune.report_study`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import yaml
 
 from hfprune import kinds
 from hfprune.report_plots import plot_curves, plot_gap
+from hfprune.report_study import study_report
 from hfprune.workspace import Workspace
 
 
@@ -267,6 +269,9 @@ def write_report(folder: Path) -> dict[str, Any]:
         if plot_gap(rows, x, folder / f"gap_vs_{x}.png"):
             plots.append(f"gap_vs_{x}.png")
     data = {"metric": rows[0].metric, "rows": [r.to_dict() for r in rows], "plots": plots}
+    study = study_report(folder, runs)  # the paper's claims and Figure 1, when the cells are a study's
+    if study is not None:
+        data.update(plots=plots + study.plots, study=study.data)
     (folder / "report.json").write_text(json.dumps(data, indent=2) + "\n")
-    (folder / "report.md").write_text(render_markdown(rows, plots))
+    (folder / "report.md").write_text(render_markdown(rows, plots) + (study.markdown if study else ""))
     return data
