@@ -24,7 +24,7 @@ from hfprune import kinds
 from hfprune.device_spec import device_spec_problem
 from hfprune.pruners import PRUNERS, UnknownPrunerError, get_pruner
 from hfprune.recipe_eval import EvalSpec
-from hfprune.recipe_raw import RecipeError, read_recipe_yaml
+from hfprune.recipe_raw import RecipeError, read_recipe_yaml, validation_problems
 from hfprune.recipe_raw import apply_overrides as _apply_overrides
 from hfprune.recipe_training import DERIVED_TRAINING_ARGS, PretrainSpec, TokenTraining  # noqa: F401 (re-exported)
 from hfprune.recovery.specs import DistillSpec, LoraSpec
@@ -289,19 +289,3 @@ def _pruner_problems(prune: Any) -> list[tuple[str, str]]:
 def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> list[tuple[str, str]]:
     """Set `key.path=value` overrides in place, typed by the recipe schema (see `recipe_raw`)."""
     return _apply_overrides(raw, overrides, Recipe)
-
-
-def validation_problems(err: ValidationError, prefix: str = "") -> list[tuple[str, str]]:
-    """(key path, message) for every error pydantic found, paths starting with `prefix`."""
-    return [(prefix + _path(e["loc"]), _message(e)) for e in err.errors()]
-
-
-def _path(loc: tuple[Any, ...]) -> str:
-    # pydantic adds the union member it tried ('str', 'list[str]'); users only care about their keys.
-    return ".".join(str(p) for p in loc if not (isinstance(p, str) and ("[" in p or p in {"str", "int"})))
-
-
-def _message(error: dict[str, Any]) -> str:
-    if error["type"] == "extra_forbidden":
-        return "unknown key"
-    return error["msg"].removeprefix("Value error, ")

@@ -3,17 +3,22 @@
 The first step of `hfprune.recipe.load_recipe` (and of `hfprune.grid.load_sweep`), before the schema
 sees anything. Every way a file or an override can be wrong (missing, too large, not UTF-8, not YAML,
 nested or aliased beyond reason, a bad key path or list index, a value that is not YAML) becomes a
-`RecipeError` naming the file or key, never a traceback.
+`RecipeError` naming the file or key, never a traceback; `validation_problems` gives the schema's own
+errors (pydantic's) the same form, a key path and a message.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from hfprune.errors import InvalidInput
+
+
+if TYPE_CHECKING:
+    from pydantic import ValidationError
 
 
 # Recipes are a few kilobytes; the cap keeps a wrong file (a dataset, a checkpoint) from being parsed
@@ -189,3 +194,19 @@ def _is_string_field(schema: Any, parts: list[str]) -> bool:
             return False
         model = fields[part].annotation
     return model is str or model == (str | None)
+
+
+def validation_problems(err: ValidationError, prefix: str = "") -> list[tuple[str, str]]:
+    """(key path, message) for every error pydantic found, paths starting with `prefix`."""
+    return [(prefix + _path(e["loc"]), _message(e)) for e in err.errors()]
+
+
+def _path(loc: tuple[Any, ...]) -> str:
+    # pydantic adds the union member it tried ('str', 'list[str]'); users only care about their keys.
+    return ".".join(str(p) for p in loc if not (isinstance(p, str) and ("[" in p or p in {"str", "int"})))
+
+
+def _message(error: dict[str, Any]) -> str:
+    if error["type"] == "extra_forbidden":
+        return "unknown key"
+    return error["msg"].removeprefix("Value error, ")
