@@ -34,6 +34,7 @@ from hfprune.errors import RunFailure
 from hfprune.hub import published_kinds, repo_id_for
 from hfprune.outputs import write_text
 from hfprune.recipe import Recipe
+from hfprune.seeds import Role, role_seed
 from hfprune.workspace import Workspace
 
 
@@ -100,6 +101,9 @@ def render_card(
         train=recipe.train.model_dump(mode="json") if recipe.train else None,
         optim={**PAPER_TRAINING_DEFAULTS, **recipe.train.args} if recipe.train else None,
         seed=recipe.seed,
+        twin_seed=role_seed(recipe.seed, Role.TWIN_INIT),  # what a random-init twin was initialised from
+        setting=kinds.get(kind).setting,  # the study setting a trained kind's numbers belong to
+        pretrained_tokens=recipe.parent.pretrained_tokens,
         siblings=_siblings(recipe, kind, metrics),
         repo_id=repo_id,
         command=shareable_command(command),

@@ -246,5 +246,9 @@ def describe_plan(
             kinds.PRUNED.name: shape.params_after.to_dict(),
         },
         "ratio": {"requested": recipe.prune.ratio, "achieved": round(shape.ratio_achieved, 6)},
+        # Each trained kind's tokens: a setting-2 kind adds the parent's pretraining tokens.
+        "token_budgets": {
+            run: recipe.token_budget(run) for run in (recipe.train.runs if recipe.train else [])
+        },
         **({"plan": plan_summary(plan)} if plan is not None else {}),
     }

@@ -73,6 +73,7 @@ def plan_recipe(recipe: Any, config: PretrainedConfig, hardware: Hardware | None
         eval_sets=recipe.eval.perplexity,
         eval_batch_size=recipe.eval.batch_size,
         train=recipe.train,
+        budgets={run: recipe.token_budget(run) for run in recipe.train.runs} if recipe.train else None,
         hardware=hardware,
         title=recipe.name,
     )
@@ -87,13 +88,15 @@ def estimate(
     eval_sets: list[Any],
     eval_batch_size: int = 1,
     train: Any = None,
+    budgets: dict[str, int] | None = None,
     options: dict[str, Any] | None = None,
     dtype: str = "float32",
     hardware: Hardware | None = None,
     title: str = "",
 ) -> Plan:
     """Estimate every stage; `calibration`, `eval_sets` and `train` are the recipe's sections (or any
-    objects with the same fields: num_samples/seq_len/batch_size; name/seq_len/max_windows; runs/...)."""
+    objects with the same fields: num_samples/seq_len/batch_size; name/seq_len/max_windows; runs/...);
+    `budgets` gives a run's own token budget where it is not `train.token_budget` (setting 2)."""
     from hfprune.modeling import updated_config
     from hfprune.pruners import get_pruner
 
@@ -110,7 +113,8 @@ def estimate(
         eval_stage("pruned_eval", pruned, eval_sets, eval_batch_size),
     ]
     for run in train.runs if train is not None else []:
-        stages.append(train_stage(run, pruned, train, hardware.devices, sparse))
+        budget = (budgets or {}).get(run, train.token_budget)  # a setting-2 kind's is the pipeline's
+        stages.append(train_stage(run, pruned, train, hardware.devices, sparse, budget))
         stages.append(eval_stage(f"{run}_eval", pruned.as_dtype("float32"), eval_sets, eval_batch_size))
     stages = [_place(_timed(s, hardware), hardware) for s in stages if s is not None]
     title = title or f"{method} at {ratio}"

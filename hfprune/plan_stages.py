@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from hfprune import kinds
 from hfprune.hardware import GIB
 from hfprune.plan_terms import (
     ADAMW_STATE_BYTES,
@@ -59,8 +60,15 @@ def eval_stage(name: str, shape: Shape, sets: list[Any], batch_size: int) -> Sta
     )
 
 
-def train_stage(run: str, shape: Shape, train: Any, processes: int, sparse: bool) -> StageEstimate:
-    """One training run (continued or scratch) on `processes` devices, as TrainingArguments set it."""
+# Training terms that scale with a micro-batch's tokens; how to shrink the batch and keep the run the same.
+_PER_TOKEN_TERMS = ("activations", "logits and loss")
+_BATCH_NOTE = " (raise gradient_accumulation_steps to keep the global batch)"
+
+
+def train_stage(
+    run: str, shape: Shape, train: Any, processes: int, sparse: bool, budget: int
+) -> StageEstimate:
+    """One training run of `budget` tokens on `processes` devices, as TrainingArguments set it."""
     args = train.args
     micro, s = int(args.get("per_device_train_batch_size", 8)), train.seq_len
     mixed = bool(args.get("bf16") or args.get("fp16"))
@@ -93,19 +101,13 @@ def train_stage(run: str, shape: Shape, train: Any, processes: int, sparse: bool
         name=f"train_{run}",
         device=tuple(device),
         host=_train_host(run, shape, processes, sparse),
-        flops=(4 if checkpointing else 3) * train.token_budget * shape.forward_flops(s),
-        flops_formula=f"{4 if checkpointing else 3} x token_budget x forward FLOP per token",
+        flops=(4 if checkpointing else 3) * budget * shape.forward_flops(s),
+        flops_formula=f"{4 if checkpointing else 3} x token_budget ({budget:,}) x forward FLOP per token",
         compute_dtype="bfloat16" if mixed else "float32",
         processes=processes,
         knobs=(
-            Knob(
-                "device",
-                "train.args.per_device_train_batch_size",
-                micro,
-                ("activations", "logits and loss"),
-                " (raise gradient_accumulation_steps to keep the global batch)",
-            ),
-            Knob("device", "train.seq_len", s, ("activations", "logits and loss")),
+            Knob("device", "train.args.per_device_train_batch_size", micro, _PER_TOKEN_TERMS, _BATCH_NOTE),
+            Knob("device", "train.seq_len", s, _PER_TOKEN_TERMS),
         ),
         fallback=_train_fallback(checkpointing, bool(args.get("fsdp") or args.get("deepspeed"))),
     )
@@ -114,7 +116,8 @@ def train_stage(run: str, shape: Shape, train: Any, processes: int, sparse: bool
 def _train_host(run: str, shape: Shape, processes: int, sparse: bool) -> tuple[Term, ...]:
     """Every process loads the whole model in fp32 on the host first (the scratch twin is built there
     beside it) and unpacks the masks to bool: the peak is at load time, per node."""
-    copies = 2 if run == "scratch" else 1
+    twins = {kind.name for kind in kinds.made(kinds.Making.FROM_TWIN)}
+    copies = 2 if run in twins else 1
     per_process = shape.params * 4 * copies + (shape.linear_params if sparse else 0)
     formula = f"{processes} processes x (P x 4 B x {copies}" + (
         " + linear weights x 1 B masks)" if sparse else ")"

@@ -177,8 +177,10 @@ def budget_table(rows: list[RunRow]) -> list[str]:
     """Method x ratio at one budget: every kind's score but the parent's (it heads the report), then the gap."""
     headline, twin = (kind.name for kind in kinds.comparison())
     columns = shown_kinds(rows)
+    # A setting-2 kind trained on the whole pipeline's tokens, not on this table's budget: its header says so.
+    header = [f"{kind} (setting 2)" if kinds.get(kind).setting == 2 else kind for kind in columns]
     lines = [
-        f"| method | ratio (achieved) | params (non-embedding) | {' | '.join(columns)} | {headline} - {twin} |",
+        f"| method | ratio (achieved) | params (non-embedding) | {' | '.join(header)} | {headline} - {twin} |",
         "|---|---|---:|" + "---:|" * (len(columns) + 1),
     ]
     for r in sorted(rows, key=lambda r: (r.method, r.ratio)):
@@ -207,7 +209,9 @@ def shown_kinds(rows: list[RunRow]) -> list[str]:
 def recovery_lines(rows: list[RunRow]) -> list[str]:
     """Every trained kind of each run side by side on one budget, against the random-init twin: what each
     recovery (plain, distillation, LoRA; from the pruned weights or from random init) reaches."""
-    trained = [k for k in kinds.all_kinds() if k.trained and any(r.score(k.name) is not None for r in rows)]
+    trained = [  # the same tokens: setting-2 kinds trained on more
+        k for k in kinds.all_kinds() if k.setting == 1 and any(r.score(k.name) is not None for r in rows)
+    ]
     if not any(k.recovery for k in trained):
         return []
     twin = kinds.comparison()[1].name
@@ -243,6 +247,11 @@ def render_markdown(rows: list[RunRow], plots: list[str]) -> str:
             "A negative gap means the pruned initialisation beats random init trained on the same tokens."
         ),
     ]
+    if any(kinds.get(kind).setting == 2 for kind in shown_kinds(rows)):
+        out[-1] += (
+            " Columns marked (setting 2) trained on the whole pipeline's tokens (the parent's pretraining "
+            "tokens plus the budget); every other trained column on the budget alone (setting 1)."
+        )
     finding = finding_lines(rows)
     if finding:
         out += ["", "## Pruned vs random init, per budget", "", *finding]
@@ -268,7 +277,13 @@ def write_report(folder: Path) -> dict[str, Any]:
     for x in ("ratio", "budget"):
         if plot_gap(rows, x, folder / f"gap_vs_{x}.png"):
             plots.append(f"gap_vs_{x}.png")
-    data = {"metric": rows[0].metric, "rows": [r.to_dict() for r in rows], "plots": plots}
+    settings = {kind.name: kind.setting for kind in kinds.all_kinds() if kind.trained}
+    data = {
+        "metric": rows[0].metric,
+        "settings": settings,
+        "rows": [r.to_dict() for r in rows],
+        "plots": plots,
+    }
     study = study_report(folder, runs)  # the paper's claims and Figure 1, when the cells are a study's
     if study is not None:
         data.update(plots=plots + study.plots, study=study.data)

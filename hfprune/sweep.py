@@ -171,7 +171,7 @@ class Siblings:
             with atomic_dir(ctx.workspace.model_dir(kind)) as tmp:
                 link_tree(sibling.workspace.model_dir(kind), tmp)
             trained = sibling.workspace.metrics.get(kind)
-            kept = {k: trained[k] for k in ("tokens_trained", "training", "curve") if k in trained}
+            kept = {k: trained[k] for k in ("tokens_trained", "training", "setting", "curve") if k in trained}
             ctx.workspace.metrics.update(kind, replace=True, **kept, shared_from=donor.id)
         return True
 
