@@ -26,7 +26,7 @@ from hfprune.pruners import PRUNERS, UnknownPrunerError, get_pruner
 from hfprune.recipe_eval import EvalSpec
 from hfprune.recipe_raw import RecipeError, read_recipe_yaml, validation_problems
 from hfprune.recipe_raw import apply_overrides as _apply_overrides
-from hfprune.recipe_training import DERIVED_TRAINING_ARGS, PretrainSpec, TokenTraining  # noqa: F401 (re-exported)
+from hfprune.recipe_training import DERIVED_TRAINING_ARGS, PretrainSpec, ScheduleSpec, TokenTraining  # noqa: F401 (re-exported)
 from hfprune.recovery.specs import DistillSpec, LoraSpec
 from hfprune.schema import DatasetSpec, Strict, default_dataset
 from hfprune.train_args import training_args_problems
@@ -195,12 +195,7 @@ class Recipe(Strict):
     def train_spec(self, kind: str) -> TrainSpec:
         """`train` as `kind` trains it (its own token budget)."""
         assert self.train is not None
-        budget = self.token_budget(kind)
-        return (
-            self.train
-            if budget == self.train.token_budget
-            else self.train.model_copy(update={"token_budget": budget})
-        )
+        return self.train.model_copy(update={"token_budget": self.token_budget(kind)})
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
@@ -215,8 +210,11 @@ class Recipe(Strict):
         for section, key in PLACEMENT_KEYS:
             if isinstance(dump.get(section), dict):
                 dump[section].pop(key, None)
-        for section, key in OPTIONAL_KEYS:  # unset, they hash as before they existed
-            if isinstance(dump.get(section), dict) and dump[section].get(key) is None:
+        for section, key in OPTIONAL_KEYS:  # unset (or at their default), they hash as before they existed
+            if isinstance(dump.get(section), dict) and dump[section].get(key) in (
+                None,
+                LATER_DEFAULTS.get(key),
+            ):
                 dump[section].pop(key, None)
         data = {key: dump[key] for key in sections}
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
@@ -224,7 +222,14 @@ class Recipe(Strict):
 
 # (section, key) pairs of optional settings added later: left out of a fingerprint while unset, so a run
 # made before they existed stays current.
-OPTIONAL_KEYS = (("train", "distill"), ("train", "lora"))
+OPTIONAL_KEYS = (
+    ("train", "distill"),
+    ("train", "lora"),
+    ("train", "schedule"),
+    ("parent", "pretrain"),
+    ("parent", "pretrained_tokens"),
+)
+LATER_DEFAULTS = {"schedule": ScheduleSpec().model_dump(mode="json")}  # the behaviour before the key existed
 
 # (section, key) pairs that say where work runs, not what it computes: not part of any fingerprint.
 PLACEMENT_KEYS = (("parent", "device"),)
