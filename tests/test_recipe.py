@@ -214,6 +214,15 @@ train:
 """
 
 
+def test_the_quickstart_fingerprints_are_those_of_the_release_before_the_study_settings():
+    # Computed with the code of commit 33a7347, before parent.pretrain, parent.pretrained_tokens and
+    # train.schedule existed: a finished quickstart run must stay current.
+    recipe = load_recipe(Path(__file__).parents[1] / "recipes" / "quickstart.yaml")
+    assert recipe.fingerprint("train") == "726b69b0c5666a86"
+    assert recipe.fingerprint("parent", "prune", "calibration", "seed") == "d1334e8bbcb43326"
+    assert recipe.fingerprint("parent", "eval") == "1d72482838c988cc"
+
+
 def test_unset_recovery_settings_leave_the_train_fingerprint_as_before(write_recipe):
     import hashlib
     import json
@@ -221,7 +230,7 @@ def test_unset_recovery_settings_leave_the_train_fingerprint_as_before(write_rec
     recipe = load_recipe(write_recipe(TRAIN_SECTION))
     dump = recipe.model_dump(mode="json")["train"]
     assert dump["distill"] is None and dump["lora"] is None
-    del dump["distill"], dump["lora"]  # the train section as it was before these settings existed
+    del dump["distill"], dump["lora"], dump["schedule"]  # the train section before these settings existed
     before = hashlib.sha256(json.dumps({"train": dump}, sort_keys=True).encode()).hexdigest()[:16]
     assert recipe.fingerprint("train") == before
     distilled = load_recipe(write_recipe(TRAIN_SECTION + "  distill: {alpha: 0.5}\n"))
