@@ -96,7 +96,11 @@ def validate_one(path: Path, parent: bool | None, files: bool) -> int:
 
 
 def local_parent(recipe: Any) -> bool:
-    """Whether the parent's config is at hand without the network (a local folder, GGUF included)."""
+    """Whether the parent's config is at hand without the network (a local folder, GGUF included, or a
+    parent hfprune pretrains, whose config the recipe gives unless its tokenizer comes from the Hub)."""
+    pretrain = recipe.parent.pretrain
+    if pretrain is not None and (pretrain.tokenizer.from_ is None or Path(pretrain.tokenizer.from_).is_dir()):
+        return True
     return Path(recipe.parent.model).expanduser().is_dir()
 
 

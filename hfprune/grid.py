@@ -162,7 +162,7 @@ def load_sweep(path: str | Path, overrides: Iterable[str] = ()) -> Sweep:
         for ratio in axes["ratio"]:
             for budget in axes["token_budget"]:
                 ident = cell_id(method, ratio, budget)
-                cell_raw = _cell_raw(raw, spec, method, ratio, budget)
+                cell_raw = _cell_raw(raw, spec, method, ratio, budget, output)
                 cell_raw["name"], cell_raw["output_dir"] = f"{name}-{ident}", str(output / ident)
                 try:
                     cells.append(Cell(method, ratio, budget, validate_recipe(cell_raw, source)))
@@ -207,8 +207,14 @@ def _axes(spec: SweepSpec, raw: dict[str, Any]) -> tuple[dict[str, list[Any]], l
     return axes, problems
 
 
-def _cell_raw(raw: dict[str, Any], spec: SweepSpec, method: str, ratio: float, budget: int | None) -> dict:
+def _cell_raw(
+    raw: dict[str, Any], spec: SweepSpec, method: str, ratio: float, budget: int | None, output: Path
+) -> dict:
     cell = copy.deepcopy(raw)
+    parent = cell.get("parent")
+    if isinstance(parent, dict) and parent.get("pretrain") and not parent.get("model"):
+        # One pretrained parent for every cell: the first cell's pretrain stage makes it, the others find it.
+        parent["model"] = str(output / "models" / "parent")
     base_prune = cell.get("prune") if isinstance(cell.get("prune"), dict) else {}
     options = spec.options.get(method, base_prune.get("options") or {})
     cell["prune"] = {"method": method, "ratio": ratio, "options": options}

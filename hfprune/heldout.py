@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 
@@ -81,6 +81,9 @@ def overlap_problems(recipe: Any) -> list[tuple[str, str]]:
     sources = [_calibration_read(recipe.calibration)]
     if recipe.train is not None:
         sources.append(_training_read(recipe.train))
+    if recipe.parent.pretrain is not None:  # a parent pretrained here was trained on that text too
+        pretraining = _training_read(recipe.parent.pretrain)
+        sources.append(replace(pretraining, key="parent.pretrain.dataset", role="pretraining data"))
     problems = []
     for index, spec in enumerate(recipe.eval.perplexity):
         read = _evaluation_read(index, spec)

@@ -33,6 +33,7 @@ from hfprune.config_cache import cached_config
 from hfprune.errors import RunFailure
 from hfprune.modeling import check_supported
 from hfprune.placement import place, resolve_device
+from hfprune.pretrain import planned_parent_config
 
 
 logger = logging.getLogger(__name__)
@@ -104,7 +105,8 @@ def _load(what: str, spec: Any, loader: Any, **extra: Any) -> Any:
 def load_parent_config(spec: Any) -> PretrainedConfig:
     """The parent's config only (no weights): enough for plans and dry runs; read once per process
     while its files are unchanged (`hfprune.config_cache`), each caller getting its own copy."""
-    return cached_config(spec, lambda: _load("config", spec, AutoConfig.from_pretrained), check_supported)
+    read = lambda: _load("config", spec, AutoConfig.from_pretrained)  # noqa: E731
+    return planned_parent_config(spec) or cached_config(spec, read, check_supported)  # pretrained here: planned till made
 
 
 def load_parent(spec: Any) -> Parent:

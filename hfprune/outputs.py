@@ -115,19 +115,20 @@ def distributed_staging_dir(target: Path) -> Iterator[Path]:
         raise
 
 
-def remove_stale_temporaries(out_dir: Path, *, recursive: bool = True) -> list[Path]:
+def remove_stale_temporaries(out_dir: Path, *, recursive: bool = True, only: str | None = None) -> list[Path]:
     """Remove the temporaries of writes that a killed run left in `out_dir`; returns what was removed.
 
     Only this module's temporaries are touched, recognised by name. A `.<name>.old-<pid>` whose
     `<name>` is missing (killed between the two renames of `replace_dir`) is the last published
     version: it is renamed back instead. Call it at run start, holding `output_lock`; without
-    `recursive`, only `out_dir`'s own entries (a sweep folder, whose cells have locks of their own).
+    `recursive`, only `out_dir`'s own entries (a sweep folder, whose cells have locks of their own); with
+    `only`, only the temporaries of the entry of that name (a pretrained parent's folder).
     """
     removed: list[Path] = []
     for folder, dirnames, filenames in os.walk(out_dir):
         for name in [*dirnames, *filenames]:
             found = _TEMPORARY.match(name)
-            if not found:
+            if not found or only not in (None, found["name"]):
                 continue
             path, target = Path(folder, name), Path(folder, found["name"])
             if name in dirnames:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Collection
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,7 @@ from hfprune.modeling import count_config_parameters
 from hfprune.plan_check import plan_summary
 from hfprune.providers import Providers
 from hfprune.recipe import Recipe
-from hfprune.stages import evaluate, prune, train
+from hfprune.stages import evaluate, pretrain, prune, train
 from hfprune.stages.base import (
     Context,
     Stage,
@@ -64,7 +64,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-STOP_AFTER = {"prune": ("prune", "card")}
+STOP_AFTER = {"prune": ("pretrain", "prune", "card")}
 
 
 def making_stage(kind: ModelKind) -> str | None:
@@ -100,6 +100,8 @@ def stage_table(recipe: Recipe) -> dict[str, Stage]:
     untrained = [kind for kind in kinds.all_kinds() if not kind.trained]
     trained = [kinds.get(name) for name in (recipe.train.runs if recipe.train else [])]
     stages = [stage for kind in untrained + trained for stage in _model_stages(kind)]
+    if recipe.parent.pretrain is not None:
+        stages = _pretrain_first(recipe, stages)
     card_inputs = (
         after("prune"),
         sections("name", "eval", "output_dir", "train", "push"),
@@ -111,6 +113,17 @@ def stage_table(recipe: Recipe) -> dict[str, Stage]:
         # What is published is the cards' folders: the push is stale exactly when they are.
         stages.append(Stage("push", push, (tag("push"), after("card")), metrics_file))
     return {stage.name: stage for stage in stages}
+
+
+def _pretrain_first(recipe: Recipe, stages: list[Stage]) -> list[Stage]:
+    """A parent hfprune makes (`hfprune.stages.pretrain`): made first, and its evaluation follows what the
+    pretraining made (the seed too), not only the parent section."""
+    made = functools.partial(pretrain.outputs, recipe)
+    first = Stage("pretrain", pretrain.run, (sections("parent", "seed"),), made, all_ranks=True)
+    parent_eval = f"{kinds.PARENT.name}_eval"
+    return [first] + [
+        replace(s, inputs=(*s.inputs, after("pretrain"))) if s.name == parent_eval else s for s in stages
+    ]
 
 
 def context_for(recipe: Recipe, providers: Providers | None = None, command: str | None = None) -> Context:
@@ -159,6 +172,7 @@ class Pipeline:
     def stages(self, stop_after: str | None = None) -> tuple[str, ...]:
         """The stages this pipeline runs, in order; a recipe without `train` trains nothing."""
         names = STOP_AFTER[stop_after] if stop_after else tuple(self.context.table)
+        names = tuple(s for s in names if s in self.context.table)
         return tuple(s for s in names if (self.only is None or s in self.only) and s not in self.skip)
 
     def status(self, stop_after: str | None = None) -> dict[str, str]:

@@ -180,6 +180,11 @@ def recipe_problems(recipe: Recipe, *, training: bool = True, files: bool = True
     if training and recipe.train is not None:
         datasets.insert(0, ("train.dataset", recipe.train.dataset))
         problems += _budget_problems(recipe)
+    if recipe.parent.pretrain is not None:  # `hfprune prune` pretrains the parent too
+        from hfprune.pretrain import pretrain_problems
+
+        datasets.insert(0, ("parent.pretrain.dataset", recipe.parent.pretrain.dataset))
+        problems += pretrain_problems(recipe)
     if not files:
         return problems
     for key, spec in datasets:

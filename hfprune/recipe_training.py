@@ -20,7 +20,7 @@ import dataclasses
 import difflib
 from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from hfprune.schema import DatasetSpec, Strict, default_dataset
 
@@ -94,6 +94,9 @@ class TokenizerSpec(Strict):
     """The tokenizer of a pretrained-here parent: an existing one (`from`), or a byte-level BPE of
     `vocab_size` trained with the `tokenizers` library on the first `train_chars` characters of the
     pretraining dataset (the same documents, in file order, whatever the seed)."""
+
+    # Written back as `from`, so the resolved recipe.yaml loads again.
+    model_config = ConfigDict(**Strict.model_config, serialize_by_alias=True)
 
     from_: str | None = Field(default=None, alias="from", description="Hub repo id or local directory")
     vocab_size: int | None = Field(default=None, ge=260, le=1 << 20)

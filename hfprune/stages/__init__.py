@@ -5,6 +5,7 @@ Each stage is a function of a `Context` (`base.py`: the recipe, its `Workspace`,
 outputs. `hfprune.pipeline.stage_table` lists a recipe's stages in order and is the one place that runs
 them:
 
+- `pretrain`: `pretrain`, a parent hfprune makes itself (`parent.pretrain`), first when there is one;
 - `evaluate`: `<kind>_eval`, the scores of one model kind into metrics.json;
 - `prune`: `prune`, the pruned model and its report;
 - `train`: `train_<kind>`, one trained kind on the token budget;

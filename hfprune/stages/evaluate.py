@@ -43,6 +43,10 @@ def run(ctx: Context, kind: str) -> None:
         tokenizer = AutoTokenizer.from_pretrained(folder)
     log_stage(f"{kind}_eval", model)
     record_scores(ctx, kind, model, tokenizer)
+    if kinds.get(kind).making is kinds.Making.LOADED:
+        from hfprune.stages.pretrain import record_declared_tokens
+
+        record_declared_tokens(ctx)
 
 
 def record_scores(ctx: Context, kind: str, model: PreTrainedModel, tokenizer: Any) -> None:
