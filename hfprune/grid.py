@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ from hfprune.recipe import (
     validate_recipe,
     validation_problems,
 )
+from hfprune.schedules import pin_shared_warmup
 
 
 SELECTOR_KEYS = {
@@ -173,6 +174,9 @@ def load_sweep(path: str | Path, overrides: Iterable[str] = ()) -> Sweep:
         raise RecipeError(
             source, [(key, f"{msg} (cells: {', '.join(ids)})") for (key, msg), ids in cell_problems.items()]
         )
+    # Budget branches (wsd) of one model warm up alike: the warmup goes into every cell's recipe.
+    recipes = pin_shared_warmup([cell.recipe for cell in cells])
+    cells = [replace(cell, recipe=recipe) for cell, recipe in zip(cells, recipes, strict=True)]
     return Sweep(name, source, output, cells)
 
 

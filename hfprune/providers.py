@@ -1,11 +1,13 @@
 """What the stages take from outside their own output folder: the parent, calibration tokens and scores,
-a finished twin, a finished sibling's results, and the figures a card shows.
+a finished twin, a finished sibling's results, the figures a card shows, and the stable runs that budget
+branches of a wsd schedule start from (`hfprune.branches`).
 
 The stage functions (`hfprune.stages`) never decide whether work can be shared; they ask the providers
 they were handed. A single run gets `Providers()`, the defaults below: the parent is loaded once and
 pruned in place, scores are computed for this run's ratio, and nothing is taken from elsewhere. A sweep
-(`hfprune.sweep`) hands each cell providers that share the parent, calibration tokens, scores, twins and
-finished siblings' results across the grid. Either way the stages run the same code.
+(`hfprune.sweep`) hands each cell providers that share the parent, calibration tokens, scores, twins,
+finished siblings' results and the stable runs of wsd schedules across the grid. Either way the stages
+run the same code.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from hfprune.failures import translate_oom
 from hfprune.hub import Parent, load_parent
 from hfprune.pruners import Pruner
 from hfprune.recipe import Recipe
+from hfprune.schedules import sharing_budgets
 
 
 if TYPE_CHECKING:
@@ -78,6 +81,14 @@ class FigureSource(Protocol):
 
     def place(self, workspace: Workspace) -> list[str]:
         """Copy the figures into every carded model folder; their file names."""
+
+
+class StableSource(Protocol):
+    def folder(self, ctx: Context, key: str) -> Path:
+        """Where the stable run `key` of a wsd schedule lives (`hfprune.branches`)."""
+
+    def budgets(self, ctx: Context, kind: str) -> list[int]:
+        """The budgets branching from `kind`'s stable run: the checkpoints it keeps."""
 
 
 class LoadedParent:
@@ -144,6 +155,16 @@ class Unshared:
         return []
 
 
+class OwnStable:
+    """A single run's stable runs: under its `.hfprune/`, branching at its own kinds' budgets."""
+
+    def folder(self, ctx: Context, key: str) -> Path:
+        return ctx.workspace.root / ".hfprune" / "stable" / key
+
+    def budgets(self, ctx: Context, kind: str) -> list[int]:
+        return sharing_budgets(ctx.recipe, kind)
+
+
 @dataclass
 class Providers:
     """Everything a run's stages take from outside their folder; the defaults are a single run's."""
@@ -153,6 +174,7 @@ class Providers:
     twins: TwinSource = field(default_factory=Unshared)
     donors: DonorSource = field(default_factory=Unshared)
     figures: FigureSource = field(default_factory=Unshared)
+    stable: StableSource = field(default_factory=OwnStable)
 
 
 def link_tree(source: Path, target: Path) -> None:

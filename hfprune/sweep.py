@@ -15,10 +15,13 @@ the sweep what the cell would otherwise recompute:
 - the random-init twin of any cell with the identical architecture, masks and training inputs (depth
   methods at one ratio keep the same number of layers, so their twins are the same model).
 
-A larger budget never continues from a smaller budget's checkpoint: the learning-rate schedule is
-fitted to each budget (cosine reaching its floor exactly when the budget is spent), so the smaller run
-ends at the floor, not at the point the larger run passes through on its way. Each budget trains from
-the start; the plan says so per cell, and the larger run's learning curve shows its earlier points.
+With the cosine schedule (the default) a larger budget never continues from a smaller budget's
+checkpoint: the schedule is fitted to each budget (cosine reaching its floor exactly when the budget is
+spent), so the smaller run ends at the floor, not at the point the larger run passes through on its way.
+Each budget trains from the start; the plan says so per cell, and the larger run's learning curve shows
+its earlier points. With `train.schedule.type: wsd` the budgets of one model share a stable run under
+the sweep folder (`.hfprune/stable/`), and each budget is a decay branch from it (`hfprune.branches`):
+the sweep costs about the largest budget plus the decays, and `--dry-run` prints the branch plan.
 
 After the cells, the sweep writes `hfprune report` into its folder and embeds the plots in every
 cell's model cards before any push. Finished cells are skipped on rerun (each cell's stage ledger);
@@ -48,6 +51,7 @@ from hfprune.providers import FreshScores, LoadedParent, Providers, Scores, file
 from hfprune.pruners import Pruner
 from hfprune.recipe import Recipe
 from hfprune.report import write_report
+from hfprune.schedules import stable_group
 from hfprune.stages import Context
 from hfprune.workspace import Workspace
 
@@ -106,11 +110,17 @@ class SharedWork:
         self.parent = SharedParent()
         self.scores = SharedScores(sweep)
         self.figures = ReportFigures(sweep.output_path)
+        self.stable = SweepStable(sweep)
 
     def providers(self, cell: Cell) -> Providers:
         siblings = Siblings(self, cell)
         return Providers(
-            parent=self.parent, scores=self.scores, twins=siblings, donors=siblings, figures=self.figures
+            parent=self.parent,
+            scores=self.scores,
+            twins=siblings,
+            donors=siblings,
+            figures=self.figures,
+            stable=self.stable,
         )
 
     def context(self, cell: Cell) -> Context:
@@ -126,6 +136,22 @@ class SharedWork:
             sibling = self.context(other)
             if stage in sibling.table and sibling.is_current(stage) and accept(sibling):
                 yield other, sibling
+
+
+class SweepStable:
+    """Stable runs (`hfprune.branches`) under the sweep folder, shared by its cells: one branches at every
+    budget of every cell whose kind shares it (`hfprune.schedules.stable_group`), run or not."""
+
+    def __init__(self, sweep: Sweep) -> None:
+        self.sweep = sweep
+
+    def folder(self, ctx: Context, key: str) -> Path:
+        return self.sweep.output_path / ".hfprune" / "stable" / key
+
+    def budgets(self, ctx: Context, kind: str) -> list[int]:
+        group = stable_group(ctx.recipe, kind)
+        cells = [cell.recipe for cell in self.sweep.cells if cell.recipe.train is not None]
+        return [r.token_budget(k) for r in cells for k in r.train.runs if stable_group(r, k) == group]
 
 
 class Siblings:
@@ -171,7 +197,8 @@ class Siblings:
             with atomic_dir(ctx.workspace.model_dir(kind)) as tmp:
                 link_tree(sibling.workspace.model_dir(kind), tmp)
             trained = sibling.workspace.metrics.get(kind)
-            kept = {k: trained[k] for k in ("tokens_trained", "training", "setting", "curve") if k in trained}
+            training = ("tokens_trained", "training", "setting", "curve", "branch")
+            kept = {k: trained[k] for k in training if k in trained}
             ctx.workspace.metrics.update(kind, replace=True, **kept, shared_from=donor.id)
         return True
 

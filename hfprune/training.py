@@ -27,8 +27,8 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, TrainerCallback, TrainingArguments
 
-from hfprune import distributed
-from hfprune.callbacks import PAPER_TRAINING_DEFAULTS, budget_schedule
+from hfprune import distributed, schedules
+from hfprune.callbacks import PAPER_TRAINING_DEFAULTS
 from hfprune.checkpoints import (
     CheckpointCompleteCallback,
     data_for_finished_run,
@@ -105,19 +105,21 @@ class DataExhaustedGuard(TrainerCallback):
             )
 
 
-def training_arguments(spec: Any, seed: int, work_dir: Path) -> tuple[TrainingArguments, int]:
-    """The TrainingArguments of a run and the tokens in one optimizer step (global batch x seq_len)."""
+def training_arguments(
+    spec: Any, seed: int, work_dir: Path, schedule: Mapping | None = None
+) -> tuple[TrainingArguments, int]:
+    """A run's TrainingArguments (`schedule` replacing its own: `hfprune.branches`) and tokens per step."""
     user = dict(spec.args)
     per_device = int(user.get("per_device_train_batch_size", 8))
     accumulation = int(user.get("gradient_accumulation_steps", 1))
-    tokens_per_step = per_device * accumulation * distributed.world_size() * spec.seq_len
+    tokens_per_step = schedules.tokens_per_step(spec)
     if spec.token_budget < tokens_per_step:
         raise TrainingSetupError(
             f"train.token_budget {spec.token_budget} is smaller than one global batch ({tokens_per_step} tokens = "
             f"{per_device} per device x {accumulation} accumulation x {distributed.world_size()} processes x "
             f"{spec.seq_len} seq_len)"
         )
-    schedule = budget_schedule(spec.token_budget, tokens_per_step, spec.warmup_ratio, spec.min_lr_ratio)
+    schedule = dict(schedule or schedules.schedule_args(spec, tokens_per_step))
     defaults = {
         **PAPER_TRAINING_DEFAULTS,
         "per_device_train_batch_size": per_device,
@@ -230,15 +232,16 @@ def train_model(
     masks: Mapping[str, KeepMask] | None = None,
     callbacks: list[TrainerCallback] | None = None,
     train_loss: TrainLoss | None = None,
+    schedule: Mapping[str, Any] | None = None,
+    resume_from: Path | None = None,
 ) -> tuple[PruneTrainer, TrainOutcome]:
     """Train `model` on `spec.token_budget` tokens, resuming from `work_dir` when a checkpoint is there.
-
-    `train_loss` replaces the model's loss on training micro-batches (`PruneTrainer(train_loss=...)`,
-    e.g. `hfprune.recovery.distill.DistillationLoss`); token accounting is unchanged by it."""
+    `train_loss` replaces the loss on training micro-batches (`DistillationLoss`), tokens count alike; for
+    `hfprune.branches`, `schedule` replaces the run's own and `resume_from` starts a work dir without one."""
     check_positions(model, spec.seq_len)
-    args, tokens_per_step = training_arguments(spec, seed, work_dir)
+    args, tokens_per_step = training_arguments(spec, seed, work_dir, schedule)
     stream = training_stream(spec, tokenizer, seed)
-    resume = last_complete_checkpoint(work_dir / "checkpoints")
+    resume = last_complete_checkpoint(work_dir / "checkpoints") or resume_from
     finished = resume is not None and spent_budget(resume, args.max_steps, spec.token_budget)
     if not finished and not spec.dataset.streaming:
         check_dataset_covers_budget(stream, args.max_steps * tokens_per_step)

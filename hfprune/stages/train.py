@@ -14,11 +14,15 @@ masks and resume as plain training:
 - lora: `wrap_lora` adds adapters restricted by the sparsity masks before training (and again on
   resume: checkpoints hold the adapters); after training `merge_lora` folds them in, and the merged plain
   model is saved (no adapter files), so every masked weight stays exactly zero.
+
+With `train.schedule.type: wsd` the kind trains as a decay branch of its model's stable run
+(`hfprune.branches`), with the same inputs; metrics.json records the branch (`branch`).
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import shutil
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
@@ -26,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 from transformers import AutoTokenizer, set_seed
 
 from hfprune import distributed, kinds
+from hfprune.branches import train_branch
 from hfprune.eval import evaluation_windows
 from hfprune.outputs import distributed_staging_dir
 from hfprune.seeds import Role, role_seed
@@ -57,26 +62,18 @@ def run(ctx: Context, kind: str) -> None:
     # Bit-packed masks (this rank's shard under FSDP); fp32 master weights whatever the checkpoint
     # dtype, read once per job under FSDP's RAM-efficient loading; the twin never beside a loaded copy.
     masks = masks_for_training(ws.masks_path, spec.args, twin=from_twin)
-    model = starting_model(ctx, from_twin, masks)
     keep = {name: mask.unpack() for name, mask in masks.items()} if masks else None
-    if recovery is kinds.Recovery.LORA:
-        from hfprune.recovery.lora import wrap_lora
-
-        # The adapters' initialisation is the recipe's (its own stream), not the process's history.
-        set_seed(role_seed(ctx.recipe.seed, Role.ADAPTER_INIT))
-        model = wrap_lora(model, spec.lora, masks=keep)
-    work_dir = training_work_dir(ws.train_dir(kind), ctx.fingerprint(f"train_{kind}"))
-    trainer, outcome = train_model(
-        model,
-        tokenizer,
-        spec,
-        run=kind,
-        seed=role_seed(ctx.recipe.seed, Role.DATA_ORDER),
-        work_dir=work_dir,
-        masks=masks,
-        callbacks=curve_callbacks(ctx, tokenizer),
-        train_loss=distillation_loss(ctx) if recovery is kinds.Recovery.DISTILL else None,
-    )
+    make_model = functools.partial(prepared_model, ctx, kind, masks, keep)
+    branch = None
+    if spec.schedule.type == "wsd":  # a decay branch of the model's stable run (hfprune.branches)
+        work_dir = ws.train_dir(kind)
+        inputs = training_inputs(ctx, kind, tokenizer, masks)
+        trainer, outcome, branch = train_branch(ctx, kind, spec, tokenizer, make_model, **inputs)
+    else:
+        model = make_model()
+        work_dir = training_work_dir(ws.train_dir(kind), ctx.fingerprint(f"train_{kind}"))
+        inputs = training_inputs(ctx, kind, tokenizer, masks)
+        trainer, outcome = train_model(model, tokenizer, spec, work_dir=work_dir, **inputs)
     merged = None
     if recovery is kinds.Recovery.LORA:
         from hfprune.recovery.lora import merge_lora
@@ -88,6 +85,8 @@ def run(ctx: Context, kind: str) -> None:
             shutil.copyfile(ws.masks_path, staging / MASKS_FILE)
     if distributed.is_main_process():
         record_training(ctx, kind, trainer, outcome)
+        if branch is not None:
+            ws.metrics.update(kind, branch=branch)
         # The trained model is published; its checkpoints (weights plus optimizer state, about four
         # times the model) only served resuming this stage, and a sweep would pile them up.
         shutil.rmtree(work_dir, ignore_errors=True)
@@ -95,6 +94,32 @@ def run(ctx: Context, kind: str) -> None:
     evaluable = merged if merged is not None else trained_model_for_eval(trainer)
     if evaluable is not None:
         ctx.models[kind] = evaluable
+
+
+def training_inputs(ctx: Context, kind: str, tokenizer: Any, masks: Any) -> dict[str, Any]:
+    """`train_model`'s keywords that do not depend on the schedule: the run, its data order, its masks,
+    its learning curve and (for a distilling kind) its loss."""
+    recovery = kinds.get(kind).recovery
+    return {
+        "run": kind,
+        "seed": role_seed(ctx.recipe.seed, Role.DATA_ORDER),
+        "masks": masks,
+        "callbacks": curve_callbacks(ctx, tokenizer),
+        "train_loss": distillation_loss(ctx) if recovery is kinds.Recovery.DISTILL else None,
+    }
+
+
+def prepared_model(ctx: Context, kind: str, masks: Any, keep: dict[str, Any] | None) -> Any:
+    """The model `kind` starts training from, with LoRA adapters (restricted by the masks) if it trains
+    them; built anew for each phase of a wsd kind (its stable run, then its branch)."""
+    model = starting_model(ctx, kinds.get(kind).making is kinds.Making.FROM_TWIN, masks)
+    if kinds.get(kind).recovery is kinds.Recovery.LORA:
+        from hfprune.recovery.lora import wrap_lora
+
+        # The adapters' initialisation is the recipe's (its own stream), not the process's history.
+        set_seed(role_seed(ctx.recipe.seed, Role.ADAPTER_INIT))
+        model = wrap_lora(model, ctx.recipe.train_spec(kind).lora, masks=keep)
+    return model
 
 
 def starting_model(ctx: Context, from_twin: bool, masks: Any) -> Any:
