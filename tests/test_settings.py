@@ -55,7 +55,7 @@ def test_each_kind_has_its_settings_budget(write_recipe):
     assert recipe.token_budget("continued") == recipe.token_budget("scratch") == BUDGET
     assert recipe.token_budget("scratch_pipeline") == PRETRAINED + BUDGET
     assert recipe.train_spec("scratch_pipeline").token_budget == PRETRAINED + BUDGET
-    assert recipe.train_spec("scratch") is recipe.train  # setting 1 trains on the section as written
+    assert recipe.train_spec("scratch") == recipe.train  # setting 1 trains on the section as written
     assert recipe.train.token_budget == BUDGET  # the recipe itself is unchanged
 
 
