@@ -40,6 +40,17 @@ DERIVED_TRAINING_ARGS = {
 }
 
 
+def unknown_fields(keys: list[str], known: set[str], owner: str) -> list[str]:
+    """A problem per key that is not a field of `owner`, with the closest field name as a hint."""
+    problems = []
+    for key in keys:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            problems.append(f"{key!r} is not a {owner} field{hint}")
+    return problems
+
+
 class ScheduleSpec(Strict):
     """The learning-rate schedule over a budget (see the module docstring)."""
 
@@ -77,14 +88,14 @@ class TokenTraining(Strict):
         from transformers import TrainingArguments
 
         known = {f.name for f in dataclasses.fields(TrainingArguments)}
-        problems = []
-        for key in args:
-            if key in DERIVED_TRAINING_ARGS:
-                problems.append(f"{key!r} cannot be set here ({DERIVED_TRAINING_ARGS[key]})")
-            elif key not in known:
-                close = difflib.get_close_matches(key, known, n=1)
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
-                problems.append(f"{key!r} is not a TrainingArguments field{hint}")
+        problems = [
+            f"{key!r} cannot be set here ({DERIVED_TRAINING_ARGS[key]})"
+            for key in args
+            if key in DERIVED_TRAINING_ARGS
+        ]
+        problems += unknown_fields(
+            [key for key in args if key not in DERIVED_TRAINING_ARGS], known, "TrainingArguments"
+        )
         if problems:
             raise ValueError("; ".join(problems))
         return args
@@ -128,11 +139,7 @@ class PretrainSpec(TokenTraining):
         known = set(LlamaConfig().to_dict())
         owned = {"vocab_size", "bos_token_id", "eos_token_id", "pad_token_id"}
         problems = [f"{key!r} comes from the tokenizer" for key in config if key in owned]
-        for key in config:
-            if key not in known and key not in owned:
-                close = difflib.get_close_matches(key, known, n=1)
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
-                problems.append(f"{key!r} is not a LlamaConfig field{hint}")
+        problems += unknown_fields([key for key in config if key not in owned], known, "LlamaConfig")
         if problems:
             raise ValueError("; ".join(problems))
         return config
