@@ -103,10 +103,10 @@ def _load(what: str, spec: Any, loader: Any, **extra: Any) -> Any:
 
 
 def load_parent_config(spec: Any) -> PretrainedConfig:
-    """The parent's config only (no weights): enough for plans and dry runs; read once per process
-    while its files are unchanged (`hfprune.config_cache`), each caller getting its own copy."""
+    """The parent's config only (no weights), for plans and dry runs: planned until a parent pretrained
+    here is made, else read once per process while its files are unchanged (`hfprune.config_cache`)."""
     read = lambda: _load("config", spec, AutoConfig.from_pretrained)  # noqa: E731
-    return planned_parent_config(spec) or cached_config(spec, read, check_supported)  # pretrained here: planned till made
+    return planned_parent_config(spec) or cached_config(spec, read, check_supported)
 
 
 def load_parent(spec: Any) -> Parent:
