@@ -27,3 +27,33 @@ def test_recipe_is_valid_and_documents_its_command(path):
     header = [line for line in path.read_text().splitlines() if line.startswith("#")]
     assert header and path.read_text().startswith("#")
     assert any(f"hfprune {command} recipes/{path.name}" in line for line in header)
+
+
+def test_the_pico_study_dry_run_lists_both_settings_and_its_branch_plan(tmp_path, monkeypatch):
+    """`hfprune sweep recipes/pico_study.yaml --dry-run`: every cell with both settings' budgets (setting
+    2 = the parent's pretraining tokens + the cell's budget), and a branch plan cheaper than training
+    every budget from the start; from the recipe alone (the parent does not exist yet)."""
+    import json
+
+    from click.testing import CliRunner
+
+    from hfprune.cli import main
+
+    recipe = next(p for p in RECIPES if p.name == "pico_study.yaml")
+    monkeypatch.chdir(tmp_path)  # the sweep folder (runs/pico_study) does not exist here
+    result = CliRunner().invoke(main, ["sweep", str(recipe), "--dry-run"])
+    assert result.exit_code == 0, result.output
+    plan = json.loads(result.stdout)
+    pretrained = load_sweep(recipe).cells[0].recipe.parent.pretrained_tokens
+    assert len(plan["cells"]) == 36 and not (tmp_path / "runs").exists()
+    for cell in plan["cells"]:
+        budgets = {(run["kind"], run["setting"]): run["token_budget"] for run in cell["trained"]}
+        assert budgets == {
+            ("continued", 1): cell["token_budget"],
+            ("scratch", 1): cell["token_budget"],
+            ("scratch_pipeline", 2): pretrained + cell["token_budget"],
+        }
+    branched = sum(p["total_tokens"] for p in plan["branch_plans"])
+    from_start = sum(p["from_start_tokens"] for p in plan["branch_plans"])
+    assert 0 < branched < 0.7 * from_start
+    assert all(p["warmup_steps"] < p["branches"][0]["branch_step"] for p in plan["branch_plans"])
