@@ -32,7 +32,7 @@ from hfprune import distributed, kinds
 from hfprune._faults import kill_point
 from hfprune.checkpoints import COMPLETE_MARKER, last_complete_checkpoint
 from hfprune.outputs import output_lock, read_json, write_json
-from hfprune.providers import files_hash
+from hfprune.providers import twin_shape
 from hfprune.schedules import BranchPlan, stable_group
 from hfprune.seeds import Role, role_seed
 from hfprune.training import HeldOutCurveCallback, train_model, training_work_dir
@@ -182,10 +182,7 @@ def starting_identity(ctx: Context, kind: str) -> str | None:
     spec, ws = ctx.recipe.train, ctx.workspace
     if kinds.get(kind).making is not kinds.Making.FROM_TWIN or not spec.reinit_embeddings_and_norms:
         return None
-    config = json.loads((ws.pruned_dir / "config.json").read_text())
-    for incidental in ("_name_or_path", "transformers_version"):
-        config.pop(incidental, None)
-    masks = files_hash([ws.masks_path]) if ws.masks_path.is_file() else "dense"
+    config, masks = twin_shape(ws)
     return json.dumps([config, masks, role_seed(ctx.recipe.seed, Role.TWIN_INIT)], sort_keys=True)
 
 

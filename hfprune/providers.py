@@ -13,6 +13,7 @@ run the same code.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -188,6 +189,16 @@ def link_tree(source: Path, target: Path) -> None:
             shutil.copy2(src, dst)
 
     shutil.copytree(source, target, copy_function=link, dirs_exist_ok=True)
+
+
+def twin_shape(workspace: Workspace) -> tuple[dict[str, Any], str]:
+    """What a random-init twin is made of besides its seed: the pruned model's config (without the keys
+    that say where and by which version it was saved) and the masks' hash ("dense" without masks)."""
+    config = json.loads((workspace.pruned_dir / "config.json").read_text())
+    for incidental in ("_name_or_path", "transformers_version"):
+        config.pop(incidental, None)
+    masks = files_hash([workspace.masks_path]) if workspace.masks_path.is_file() else "dense"
+    return config, masks
 
 
 def files_hash(paths: list[Path]) -> str:

@@ -47,7 +47,16 @@ from hfprune.failures import translate_oom
 from hfprune.grid import Cell, Sweep, SweepError, load_sweep
 from hfprune.outputs import atomic_dir, output_lock, read_json, remove_stale_temporaries
 from hfprune.pipeline import Pipeline, context_for, making_stage
-from hfprune.providers import FreshScores, LoadedParent, Providers, Scores, files_hash, link_tree, scores_for
+from hfprune.providers import (
+    FreshScores,
+    LoadedParent,
+    Providers,
+    Scores,
+    files_hash,
+    link_tree,
+    scores_for,
+    twin_shape,
+)
 from hfprune.pruners import Pruner
 from hfprune.recipe import Recipe
 from hfprune.report import write_report
@@ -213,14 +222,8 @@ def twin_key(ctx: Context) -> str | None:
     config_path = ws.pruned_dir / "config.json"
     if spec is None or not spec.reinit_embeddings_and_norms or not config_path.is_file():
         return None
-    config = json.loads(config_path.read_text())
-    for incidental in ("_name_or_path", "transformers_version"):
-        config.pop(incidental, None)
-    parts = [
-        json.dumps(config, sort_keys=True),
-        files_hash([ws.masks_path]) if ws.masks_path.is_file() else "dense",
-        ctx.recipe.fingerprint("train", "eval", "seed"),
-    ]
+    config, masks = twin_shape(ws)
+    parts = [json.dumps(config, sort_keys=True), masks, ctx.recipe.fingerprint("train", "eval", "seed")]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 

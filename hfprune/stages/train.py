@@ -65,15 +65,13 @@ def run(ctx: Context, kind: str) -> None:
     keep = {name: mask.unpack() for name, mask in masks.items()} if masks else None
     make_model = functools.partial(prepared_model, ctx, kind, masks, keep)
     branch = None
+    inputs = training_inputs(ctx, kind, tokenizer, masks)
     if spec.schedule.type == "wsd":  # a decay branch of the model's stable run (hfprune.branches)
         work_dir = ws.train_dir(kind)
-        inputs = training_inputs(ctx, kind, tokenizer, masks)
         trainer, outcome, branch = train_branch(ctx, kind, spec, tokenizer, make_model, **inputs)
     else:
-        model = make_model()
         work_dir = training_work_dir(ws.train_dir(kind), ctx.fingerprint(f"train_{kind}"))
-        inputs = training_inputs(ctx, kind, tokenizer, masks)
-        trainer, outcome = train_model(model, tokenizer, spec, work_dir=work_dir, **inputs)
+        trainer, outcome = train_model(make_model(), tokenizer, spec, work_dir=work_dir, **inputs)
     merged = None
     if recovery is kinds.Recovery.LORA:
         from hfprune.recovery.lora import merge_lora
