@@ -28,7 +28,6 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from hfprune import __version__, distributed
@@ -45,6 +44,7 @@ from hfprune.outputs import (
 )
 from hfprune.seeds import Role, role_seed
 from hfprune.tokenizer_train import TokenIds, parent_tokenizer, planned_token_ids, token_ids
+from hfprune.twin import seeded_model
 
 
 logger = logging.getLogger(__name__)
@@ -108,9 +108,7 @@ def planned_parent_config(spec: Any) -> LlamaConfig | None:
 def initial_parent(config: LlamaConfig, seed: int) -> LlamaForCausalLM:
     """The untrained parent: `LlamaForCausalLM(config)` on the CPU in float32 under `torch.manual_seed`
     of `seed`, the global RNG untouched (as the scratch twins are made, `hfprune.twin`)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return LlamaForCausalLM(config)
+    return seeded_model(LlamaForCausalLM, config, seed)
 
 
 def pretrain_parent(recipe: Any) -> dict[str, Any]:

@@ -60,7 +60,7 @@ def make_scratch_twin(
     Returns:
         The twin, in eval mode like any `from_pretrained` model.
     """
-    twin = _seeded(type(pruned_model), copy.deepcopy(pruned_model.config), seed)
+    twin = seeded_model(type(pruned_model), copy.deepcopy(pruned_model.config), seed)
     reference = next(pruned_model.parameters())
     twin.to(device=reference.device, dtype=reference.dtype)
     twin.eval()
@@ -95,7 +95,7 @@ def scratch_twin_from_folder(
     cls = causal_lm_class(config)
     if empty:
         return empty_model(cls, config).to(dtype=dtype).eval()
-    twin = _seeded(cls, config, seed).to(dtype=dtype).eval()
+    twin = seeded_model(cls, config, seed).to(dtype=dtype).eval()
     if not reinit_embeddings_and_norms:
         copied = _copy_embeddings_and_norms(twin, lambda names: _checkpoint_tensors(folder, names))
         logger.info("Scratch twin keeps the pruned model's embeddings and norms: %s", ", ".join(copied))
@@ -122,7 +122,7 @@ def empty_model(cls: type[PreTrainedModel], config: PretrainedConfig) -> PreTrai
     return model
 
 
-def _seeded(cls: type[PreTrainedModel], config: PretrainedConfig, seed: int) -> PreTrainedModel:
+def seeded_model(cls: type[PreTrainedModel], config: PretrainedConfig, seed: int) -> PreTrainedModel:
     """`cls(config)` on the CPU in float32 under `torch.manual_seed(seed)`, the global RNG untouched:
     the construction whose numbers every published scratch run has (do not reorder or defer it)."""
     with torch.random.fork_rng(devices=[]):
