@@ -27,6 +27,7 @@ import yaml
 
 from hfprune import kinds
 from hfprune.eval import Z_95, standard_error
+from hfprune.workspace import Workspace
 
 
 FIGURE = "figure1.png"
@@ -174,8 +175,10 @@ def read_cell(folder: Path) -> StudyCell:
         if kinds.get(kind).making is kinds.Making.FROM_TWIN and kinds.get(kind).recovery is None
     }
     parent = recipe.get("parent") or {}
-    pretrained = metrics.get("parent", {}).get("pretrained_tokens") or parent.get("pretrained_tokens")
-    report_path = folder / "models" / "pruned" / "prune_report.json"
+    pretrained = metrics.get(kinds.PARENT.name, {}).get("pretrained_tokens") or parent.get(
+        "pretrained_tokens"
+    )
+    report_path = Workspace(folder).pruned_dir / "prune_report.json"
     recorded = json.loads(report_path.read_text()).get("granularity") if report_path.is_file() else None
     return StudyCell(
         run=folder.name,
