@@ -51,7 +51,7 @@ def one(method: str, windows: int, args: argparse.Namespace) -> dict[str, Any]:
     import hfprune
     from hfprune.hub import load_parent
     from hfprune.pruners import get_pruner
-    from hfprune.recipe import ParentSpec
+    from hfprune.recipe.schema import ParentSpec
 
     torch.set_num_threads(args.threads)
     fields = {"device": "cpu"} if "device" in ParentSpec.model_fields else {}  # older code: no parent.device
@@ -113,9 +113,9 @@ def prepare(folder: Path, windows: int, seq_len: int) -> None:
     """Dequantize the GGUF parent into an ordinary checkpoint and tokenize the calibration set, once."""
     import torch
 
-    from hfprune.data import calibration_tokens
+    from hfprune.data.texts import calibration_tokens
     from hfprune.hub import load_parent
-    from hfprune.recipe import DatasetSpec, ParentSpec
+    from hfprune.recipe.schema import DatasetSpec, ParentSpec
 
     spec = ParentSpec(
         model=f"{CACHE}/smollm2-135m", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf", device="cpu"

@@ -57,9 +57,9 @@ class StepClock(TrainerCallback):
 
 def child(arm: str, layers: int, steps: int, batch: int, seq_len: int) -> dict[str, float]:
     """One arm in this (fresh) process: median step seconds and peak training memory in bytes."""
-    from hfprune.recovery.distill import DistillationLoss
-    from hfprune.recovery.lora import wrap_lora
-    from hfprune.recovery.specs import DistillSpec, LoraSpec
+    from hfprune.training.recovery.distill import DistillationLoss
+    from hfprune.training.recovery.lora import wrap_lora
+    from hfprune.training.recovery.specs import DistillSpec, LoraSpec
 
     cuda = torch.cuda.is_available()
     before = torch.cuda.memory_allocated() if cuda else PeakRSS.current()

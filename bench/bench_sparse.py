@@ -25,11 +25,11 @@ from typing import Any
 import torch
 from results import PeakRSS, evaluate, machine, replace_section
 
-from hfprune.data import calibration_tokens
-from hfprune.eval import evaluation_windows
+from hfprune.data.texts import calibration_tokens
+from hfprune.eval.perplexity import evaluation_windows
 from hfprune.hub import load_parent
 from hfprune.pruners import get_pruner
-from hfprune.recipe import DatasetSpec, ParentSpec
+from hfprune.recipe.schema import DatasetSpec, ParentSpec
 
 
 ROOT = Path(__file__).resolve().parents[1]

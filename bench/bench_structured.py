@@ -32,12 +32,12 @@ import torch
 from results import PeakRSS, evaluate, machine, replace_section
 from transformers import AutoModelForCausalLM
 
-from hfprune.data import calibration_tokens
-from hfprune.eval import evaluation_windows
+from hfprune.data.texts import calibration_tokens
+from hfprune.eval.perplexity import evaluation_windows
 from hfprune.hub import load_parent
-from hfprune.modeling import count_parameters
+from hfprune.models.structure import count_parameters
 from hfprune.pruners import get_pruner
-from hfprune.recipe import DatasetSpec, ParentSpec
+from hfprune.recipe.schema import DatasetSpec, ParentSpec
 
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -4,7 +4,7 @@ Builds a model of Llama-3.1-8B's exact shape from tests/data/llama-3.1-8b-config
 weights, bfloat16, built on the device: nothing is downloaded), then
 
 1. prunes it at ratio 0.5 with each of the six pruners, with the options of its shipped recipe and that
-   recipe's calibration scaled down (fewer windows, then shorter ones) until the plan (`hfprune.plan`)
+   recipe's calibration scaled down (fewer windows, then shorter ones) until the plan (`hfprune.plan.estimate`)
    estimates it fits the time budget (`--minutes`, shared by the six); records wall time, peak device
    memory (torch.cuda.max_memory_allocated), peak host memory (resident set, sampled), and the plan's
    estimates beside them;
@@ -41,10 +41,10 @@ from gpu_train import train_check
 from results import PeakRSS, machine, replace_section
 from transformers import AutoConfig, LlamaConfig, LlamaForCausalLM
 
-from hfprune.hardware import GIB, Hardware, detect_hardware
-from hfprune.plan import estimate
+from hfprune.plan.hardware import GIB, Hardware, detect_hardware
+from hfprune.plan.estimate import estimate
 from hfprune.pruners import get_pruner
-from hfprune.recipe import load_recipe
+from hfprune.recipe.schema import load_recipe
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -217,7 +217,7 @@ def write_results(setup: Setup, args: argparse.Namespace, rows: list, train: dic
         "per pruner (fewer windows first, then shorter windows"
         + (f"; --small caps windows at {SMALL_MAX_SEQ_LEN} tokens" if setup.small else "")
         + "); random token ids. Plan columns are "
-        f"`hfprune.plan` estimates for the scaled calibration on this machine ({setup.hardware.source}).",
+        f"`hfprune.plan.estimate` estimates for the scaled calibration on this machine ({setup.hardware.source}).",
         "",
         *prune_table(rows),
         "",

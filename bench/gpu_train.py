@@ -2,7 +2,7 @@
 
 The model trains as the train stage trains it (fp32 master weights, bf16 autocast on a GPU, gradient
 checkpointing, AdamW) for a fixed number of steps on random tokens, with the keep-masks passed to
-`PruneTrainer(masks=...)`. When the whole model does not fit one device, `hfprune.plan` picks the micro
+`PruneTrainer(masks=...)`. When the whole model does not fit one device, `hfprune.plan.estimate` picks the micro
 batch and the number of leading decoder layers (with their masks) that do. Reported: tokens/s after a
 warm-up, MFU (model FLOPs 3 x forward per token, recomputation not counted, over the dense peak), peak
 memory beside the plan's estimate, and whether every masked weight is still exactly zero.
@@ -19,10 +19,10 @@ import torch
 from results import PeakRSS
 from transformers import TrainerCallback, TrainingArguments
 
-from hfprune.modeling import updated_config
-from hfprune.plan import DEVICE_RESERVE
-from hfprune.plan_stages import train_stage
-from hfprune.plan_terms import Shape
+from hfprune.models.structure import updated_config
+from hfprune.plan.estimate import DEVICE_RESERVE
+from hfprune.plan.train_eval import train_stage
+from hfprune.plan.terms import Shape
 from hfprune.trainer import PruneTrainer
 
 

@@ -208,7 +208,7 @@ def full_disk_saving_pruned(bench: Bench) -> str:
 
 def out_of_memory(bench: Bench) -> str:
     oom = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.00 GiB.")
-    with mock.patch("hfprune.stages.prune.prune_model", side_effect=oom):
+    with mock.patch("hfprune.pipeline.stages.prune.prune_model", side_effect=oom):
         return cli("prune", str(bench.recipe("oom", "")))
 
 
@@ -235,7 +235,7 @@ def dead_lock_holder(bench: Bench) -> str:
 def sparse_parent(bench: Bench) -> str:
     from transformers import AutoModelForCausalLM
 
-    from hfprune.masks import load_masks, masks_from_zeros, save_masks
+    from hfprune.masks.storage import load_masks, masks_from_zeros, save_masks
 
     def sparsify(folder: Path) -> None:
         model = AutoModelForCausalLM.from_pretrained(folder)

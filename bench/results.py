@@ -15,7 +15,7 @@ from typing import Any, Self
 
 import torch
 
-from hfprune.eval import perplexity
+from hfprune.eval.perplexity import perplexity
 
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"

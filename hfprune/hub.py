@@ -2,7 +2,7 @@
 
 `load_parent` turns a `parent` spec (Hub repo id or local directory, optionally a GGUF file inside
 it) into an ordinary float `LlamaForCausalLM` and its tokenizer, with a sparse parent's masks
-(`hfprune.parent_masks`). Weights load from safetensors only;
+(`hfprune.masks.parent`). Weights load from safetensors only;
 remote code runs only when the recipe asks for it.
 
 `push_folder` publishes one model folder (the last stage, and `hfprune push`): create the repo if
@@ -29,11 +29,11 @@ from huggingface_hub.errors import (
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
 
 from hfprune import kinds
-from hfprune.config_cache import cached_config
+from hfprune.models.config_cache import cached_config
 from hfprune.errors import RunFailure
-from hfprune.modeling import check_supported
-from hfprune.placement import place, resolve_device
-from hfprune.pretrain import planned_parent_config
+from hfprune.models.structure import check_supported
+from hfprune.models.placement import place, resolve_device
+from hfprune.training.pretrain import planned_parent_config
 
 
 logger = logging.getLogger(__name__)
@@ -47,7 +47,7 @@ class ParentLoadError(RunFailure, RuntimeError):
 class Parent:
     model: PreTrainedModel
     tokenizer: Any
-    masks: dict[str, torch.Tensor] | None = None  # a sparse parent's keep-masks (`hfprune.parent_masks`)
+    masks: dict[str, torch.Tensor] | None = None  # a sparse parent's keep-masks (`hfprune.masks.parent`)
 
 
 def _source_kwargs(spec: Any) -> dict[str, Any]:
@@ -104,14 +104,14 @@ def _load(what: str, spec: Any, loader: Any, **extra: Any) -> Any:
 
 def load_parent_config(spec: Any) -> PretrainedConfig:
     """The parent's config only (no weights), for plans and dry runs: planned until a parent pretrained
-    here is made, else read once per process while its files are unchanged (`hfprune.config_cache`)."""
+    here is made, else read once per process while its files are unchanged (`hfprune.models.config_cache`)."""
     read = lambda: _load("config", spec, AutoConfig.from_pretrained)  # noqa: E731
     return planned_parent_config(spec) or cached_config(spec, read, check_supported)
 
 
 def load_parent(spec: Any) -> Parent:
     """Load the parent model and tokenizer described by a recipe's `parent` section, placed on
-    `parent.device` (`hfprune.placement`: the accelerator when there is one)."""
+    `parent.device` (`hfprune.models.placement`: the accelerator when there is one)."""
     device = resolve_device(getattr(spec, "device", "auto"))  # a device this machine lacks fails first
     config = load_parent_config(spec)
     dtype = "auto" if spec.dtype == "auto" else getattr(torch, spec.dtype)
@@ -123,7 +123,7 @@ def load_parent(spec: Any) -> Parent:
     model.eval()
     place(model, device, stage=f"parent {spec.model}")
     logger.info("loaded parent %s (%s layers)", spec.model, model.config.num_hidden_layers)
-    from hfprune.parent_masks import load_parent_masks  # its pruner types import this module
+    from hfprune.masks.parent import load_parent_masks  # its pruner types import this module
 
     return Parent(model=model, tokenizer=tokenizer, masks=load_parent_masks(spec, model))
 

@@ -27,7 +27,7 @@ from enum import StrEnum
 
 
 class Recovery(StrEnum):
-    """How a trained kind trains, beyond plain next-token loss (`hfprune.recovery`)."""
+    """How a trained kind trains, beyond plain next-token loss (`hfprune.training.recovery`)."""
 
     DISTILL = "distill"  # against the parent's logits (train.distill)
     LORA = "lora"  # LoRA adapters on the budget, merged into the weights (train.lora)

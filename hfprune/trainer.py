@@ -5,7 +5,7 @@ The pipeline trains the pruned model ("continued") and its random-init twin ("sc
 
 - wires them from plain arguments (`token_budget=`, `masks=`);
 - lets a model kind bring its own training loss (`train_loss=`, e.g.
-  `hfprune.recovery.distill.DistillationLoss`) without a Trainer subclass per kind;
+  `hfprune.training.recovery.distill.DistillationLoss`) without a Trainer subclass per kind;
 - zeroes masked gradients right after the last backward of each optimizer step, so the norm used for
   gradient clipping ignores pruned weights (a callback is only called after clipping);
 - destroys the distributed process group when the process exits: without it, torchrun processes can
@@ -27,7 +27,7 @@ from torch import nn
 from transformers import Trainer
 
 from hfprune.callbacks import SparsityMaskCallback, TokenBudgetCallback
-from hfprune.packed_masks import KeepMask
+from hfprune.masks.packed import KeepMask
 
 
 logger = logging.getLogger(__name__)
@@ -59,7 +59,7 @@ class PruneTrainer(Trainer):
         *args: Passed to `transformers.Trainer`.
         token_budget: If set, adds a `TokenBudgetCallback(token_budget)`.
         masks: If set, adds a `SparsityMaskCallback(masks)` (parameter name -> bool keep-mask, or a
-            `hfprune.masks.PackedMask` left bit-packed, possibly only this process's FSDP2 shard).
+            `hfprune.masks.storage.PackedMask` left bit-packed, possibly only this process's FSDP2 shard).
         train_loss: If set, replaces the model's loss on training micro-batches (see `TrainLoss`);
             evaluation keeps the model's own loss, so eval losses stay comparable across kinds.
         **kwargs: Passed to `transformers.Trainer`.

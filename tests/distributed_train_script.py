@@ -31,7 +31,7 @@ from transformers import (
 import hfprune.trainer
 from hfprune.callbacks import SparsityMaskCallback, TokenBudgetCallback, budget_schedule
 from hfprune.callbacks.sparsity_mask import canonical_name
-from hfprune.packing import PackedTokenStream
+from hfprune.training.packing import PackedTokenStream
 from hfprune.trainer import PruneTrainer
 
 

@@ -27,11 +27,11 @@ from accelerate.utils import FullyShardedDataParallelPlugin, extract_model_from_
 from accelerate.utils.fsdp_utils import fsdp2_prepare_model
 from transformers import AutoModelForCausalLM
 
-import hfprune.sharding
+import hfprune.training.sharding
 from hfprune.callbacks import SparsityMaskCallback
-from hfprune.eval import perplexity
-from hfprune.masks import load_masks
-from hfprune.training import load_for_training, masks_for_training, trained_model_for_eval
+from hfprune.eval.perplexity import perplexity
+from hfprune.masks.storage import load_masks
+from hfprune.training.train import load_for_training, masks_for_training, trained_model_for_eval
 
 
 ARGS = {"fsdp": True, "fsdp_config": {"cpu_ram_efficient_loading": True}}
@@ -77,7 +77,7 @@ def phase_load(folder: Path, rank: int) -> tuple[torch.nn.Module, dict, dict]:
     expected = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).state_dict()
     loaded = full_weights(model)
     report["weights_match"] = all(torch.equal(value, expected[name]) for name, value in loaded.items())
-    report["sharded"] = hfprune.sharding.is_sharded(model)
+    report["sharded"] = hfprune.training.sharding.is_sharded(model)
     return model, masks, report
 
 
@@ -115,7 +115,7 @@ def phase_eval(model: torch.nn.Module, weights: dict, windows: torch.Tensor, ran
     report = {"together": together, "got_copy": copy is not None}
     if copy is not None:  # rank 0, alone: rank 1 is already waiting at the barrier below
         report["alone"] = perplexity(copy, windows, False, {}).value
-        report["copy_sharded"] = hfprune.sharding.is_sharded(copy)
+        report["copy_sharded"] = hfprune.training.sharding.is_sharded(copy)
         state = dict(copy.named_parameters())
         report["copy_matches"] = all(torch.equal(state[name], value) for name, value in weights.items())
         report["copy_type"] = type(copy).__name__
@@ -155,7 +155,7 @@ def main() -> None:
     rank = dist.get_rank()
     # accelerate shards only on accelerators (on CPUs the Trainer falls back to DDP); FSDP2 itself
     # runs on gloo, so the sharded path is taken here as it would be on GPUs.
-    hfprune.sharding._accelerator_available = lambda: True
+    hfprune.training.sharding._accelerator_available = lambda: True
     model, masks, report = phase_load(folder, rank)
     report["train"], weights = phase_train(model, masks, folder, rank)
     windows = torch.randint(2, VOCAB, (4, SEQ), generator=torch.Generator().manual_seed(99))

@@ -20,7 +20,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config
 from hfprune.architectures import ARCHITECTURES, UnsupportedArchitectureError, architecture_of
 from hfprune.errors import RunFailure
 from hfprune.hub import load_parent_config
-from hfprune.modeling import (
+from hfprune.models.structure import (
     check_supported,
     count_config_parameters,
     count_parameters,
@@ -31,8 +31,8 @@ from hfprune.pruners import PRUNERS, Granularity, get_pruner
 from hfprune.pruners.base import ShapeError
 from hfprune.pruners.shapes import ShapeSpace, build_shape, resolve_shape
 from hfprune.pruners.width import FlapScores
-from hfprune.recipe import ParentSpec
-from hfprune.twin import make_scratch_twin
+from hfprune.recipe.schema import ParentSpec
+from hfprune.models.twin import make_scratch_twin
 
 
 FAMILIES = sorted(ARCHITECTURES)

@@ -1,4 +1,4 @@
-"""Budget branches of the warmup-stable-decay schedule (`hfprune.schedules`, `hfprune.branches`).
+"""Budget branches of the warmup-stable-decay schedule (`hfprune.training.schedules`, `hfprune.training.branches`).
 
 A wsd kind trains as a decay branch of its model's stable run. Checked here on the tiny parent: a branch
 spends its budget exactly, with the same tokens and learning rate at every step as a wsd run trained
@@ -26,15 +26,17 @@ from test_fault_injection import comparable, run_killed
 from transformers import AutoTokenizer, TrainerCallback
 from transformers.optimization import get_wsd_schedule
 
-from hfprune import pipeline, training
-from hfprune.branches import StableRun
-from hfprune.checkpoints import COMPLETE_MARKER
+from hfprune.pipeline import runner as pipeline
+
+from hfprune.training import train as training
+from hfprune.training.branches import StableRun
+from hfprune.training.checkpoints import COMPLETE_MARKER
 from hfprune.cli import main
-from hfprune.grid import load_sweep
-from hfprune.recipe import load_recipe
-from hfprune.recipe_training import ScheduleSpec
-from hfprune.schedules import BranchPlan, schedule_args
-from hfprune.sweep import run_sweep
+from hfprune.sweep.grid import load_sweep
+from hfprune.recipe.schema import load_recipe
+from hfprune.recipe.training import ScheduleSpec
+from hfprune.training.schedules import BranchPlan, schedule_args
+from hfprune.sweep.runner import run_sweep
 
 
 STEP_TOKENS = 4 * 32

@@ -13,8 +13,8 @@ import pytest
 import torch
 from conftest import tiny_family_model, tiny_model
 
-from hfprune.calibrate import LayerWalk, stream_forward, trace_decoder, walk_layers
-from hfprune.modeling import decoder_layers
+from hfprune.pruners.calibration import LayerWalk, stream_forward, trace_decoder, walk_layers
+from hfprune.models.structure import decoder_layers
 from hfprune.pruners import get_pruner
 from hfprune.pruners._blocks import chunked_nll
 
@@ -150,11 +150,11 @@ def test_a_spilled_walk_prunes_exactly_as_one_held_in_memory(method, budget_batc
 
 
 def test_the_walk_logs_what_it_holds(caplog):
-    with caplog.at_level(logging.INFO, logger="hfprune.activation_store"):
+    with caplog.at_level(logging.INFO, logger="hfprune.pruners.activation_store"):
         walk = LayerWalk(tiny_model(num_hidden_layers=2), ids(4), 1, "wanda sequential", 2 * 24 * 64 * 4)
         for _step in walk:
             pass
-    [message] = [r.getMessage() for r in caplog.records if r.name == "hfprune.activation_store"]
+    [message] = [r.getMessage() for r in caplog.records if r.name == "hfprune.pruners.activation_store"]
     assert "4 calibration batches" in message and "2 held on cpu" in message and "2 spilled to" in message
     assert walk.report["held_bytes"] == 2 * 24 * 64 * 4
 

@@ -111,7 +111,7 @@ def test_warns_that_a_peft_merge_revives_masked_weights_and_says_how_to_keep_the
         callback.apply_to_weights(peft_model)
     assert (
         "merge_and_unload()" in caplog.text
-        and "hfprune.recovery.lora.merge_lora(model, masks)" in caplog.text
+        and "hfprune.training.recovery.lora.merge_lora(model, masks)" in caplog.text
     )
     # The warning is warranted: peft's merge of trained (nonzero) adapters fills the pruned weights.
     with torch.no_grad():
@@ -122,7 +122,7 @@ def test_warns_that_a_peft_merge_revives_masked_weights_and_says_how_to_keep_the
 
 
 def test_restricted_adapters_do_not_warn(caplog):
-    from hfprune.recovery.lora import LoraSpec, wrap_lora
+    from hfprune.training.recovery.lora import LoraSpec, wrap_lora
 
     peft_model, masks = sparse_peft_llama()
     restricted = wrap_lora(peft_model.unload(), LoraSpec(rank=4), masks=masks)
@@ -144,6 +144,6 @@ def test_callbacks_import_neither_peft_nor_trl():
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
             names += [node.module or ""] if isinstance(node, ast.ImportFrom) else []
             assert not [n for n in names if n.split(".")[0] in ("peft", "trl")], (source.name, names)
-    script = "import sys, hfprune.callbacks, hfprune.recovery\nassert 'trl' not in sys.modules\n"
+    script = "import sys, hfprune.callbacks, hfprune.training.recovery\nassert 'trl' not in sys.modules\n"
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]

@@ -11,11 +11,11 @@ import yaml
 from click.testing import CliRunner
 from huggingface_hub import ModelCard
 
-from hfprune import pipeline
-from hfprune.card_provenance import dataset_reference, shareable_recipe
-from hfprune.cards import CardError, render_card, write_cards
+from hfprune.pipeline import runner as pipeline
+from hfprune.publish.provenance import dataset_reference, shareable_recipe
+from hfprune.publish.cards import CardError, render_card, write_cards
 from hfprune.cli import main
-from hfprune.recipe import load_recipe
+from hfprune.recipe.schema import load_recipe
 
 
 TRAIN = """

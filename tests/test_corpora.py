@@ -1,13 +1,13 @@
-"""The built-in corpora (`hfprune.corpora`): fixed, disjoint splits, read through `iter_texts`."""
+"""The built-in corpora (`hfprune.data.corpora`): fixed, disjoint splits, read through `iter_texts`."""
 
 from __future__ import annotations
 
 import pytest
 
-from hfprune.corpora import is_held_out, stdlib_files
-from hfprune.data import DatasetError, iter_texts
-from hfprune.heldout import held_out_split
-from hfprune.schema import DatasetSpec
+from hfprune.data.corpora import is_held_out, stdlib_files
+from hfprune.data.texts import DatasetError, iter_texts
+from hfprune.checks.heldout import held_out_split
+from hfprune.recipe.base import DatasetSpec
 
 
 def _texts(split: str) -> list[str]:

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from hfprune.data import DatasetError, calibration_tokens, iter_texts, windows
-from hfprune.recipe import DatasetSpec
+from hfprune.data.texts import DatasetError, calibration_tokens, iter_texts, windows
+from hfprune.recipe.schema import DatasetSpec
 
 
 def test_builtin_pydoc_splits_are_disjoint_and_complete():

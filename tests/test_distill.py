@@ -1,4 +1,4 @@
-"""Distillation from the parent (`hfprune.recovery.distill`): the loss against hand-computed divergences,
+"""Distillation from the parent (`hfprune.training.recovery.distill`): the loss against hand-computed divergences,
 and training through `PruneTrainer(train_loss=...)` with budgets and masks on CPU."""
 
 import copy
@@ -10,14 +10,14 @@ from pydantic import ValidationError
 from torch.utils.data import Dataset
 from transformers import LlamaForCausalLM, TrainerCallback, TrainingArguments
 
-from hfprune.recovery.distill import (
+from hfprune.training.recovery.distill import (
     DistillationLoss,
     DistillationSetupError,
     LogitHead,
     distillation_loss,
     next_token_labels,
 )
-from hfprune.recovery.specs import DistillSpec
+from hfprune.training.recovery.specs import DistillSpec
 from hfprune.trainer import PruneTrainer
 
 

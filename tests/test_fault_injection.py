@@ -24,10 +24,10 @@ import torch
 from conftest import tiny_recipe_yaml
 from safetensors.torch import load_file
 
-from hfprune import pipeline
+from hfprune.pipeline import runner as pipeline
 from hfprune._faults import ENV
 from hfprune.outputs import _TEMPORARY, LOCK_FILE
-from hfprune.recipe import load_recipe
+from hfprune.recipe.schema import load_recipe
 
 
 pytest_plugins = ["hub_fixtures"]  # the fake_hub fixture

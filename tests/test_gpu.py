@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from hfprune.recipe import load_recipe
+from hfprune.recipe.schema import load_recipe
 
 
 pytestmark = pytest.mark.gpu

@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
-from hfprune.grid import load_sweep
-from hfprune.heldout import held_out_split, overlap_problems
-from hfprune.recipe import Recipe, load_recipe, read_recipe_yaml, validate_recipe
+from hfprune.sweep.grid import load_sweep
+from hfprune.checks.heldout import held_out_split, overlap_problems
+from hfprune.recipe.schema import Recipe, load_recipe, read_recipe_yaml, validate_recipe
 
 
 RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))

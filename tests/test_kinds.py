@@ -10,12 +10,14 @@ import pytest
 import yaml
 from huggingface_hub import ModelCard
 
-from hfprune import kinds, pipeline
-from hfprune.cards import render_card
+from hfprune import kinds
+
+from hfprune.pipeline import runner as pipeline
+from hfprune.publish.cards import render_card
 from hfprune.cli import format_metrics_table
 from hfprune.hub import published_kinds, repo_id_for
-from hfprune.recipe import RecipeError, load_recipe
-from hfprune.report import write_report
+from hfprune.recipe.schema import RecipeError, load_recipe
+from hfprune.report.runs import write_report
 
 
 TRAIN = "train:\n  token_budget: 256\n  seq_len: 32\npush: {repo_prefix: org/tiny-run}\n"

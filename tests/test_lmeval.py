@@ -12,8 +12,8 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from hfprune import pipeline
-from hfprune.lmeval import (
+from hfprune.pipeline import runner as pipeline
+from hfprune.eval.lmeval import (
     AVERAGE_DEFINITION,
     PAPER_SUITE,
     LmEvalError,
@@ -24,7 +24,7 @@ from hfprune.lmeval import (
     resolve_tasks,
     task_manager,
 )
-from hfprune.recipe import EvalSpec, RecipeError, load_recipe
+from hfprune.recipe.schema import EvalSpec, RecipeError, load_recipe
 
 
 def keys(entries) -> dict[str, str]:

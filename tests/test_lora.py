@@ -1,4 +1,4 @@
-"""LoRA recovery (`hfprune.recovery.lora`): training through PruneTrainer, the merged plain checkpoint,
+"""LoRA recovery (`hfprune.training.recovery.lora`): training through PruneTrainer, the merged plain checkpoint,
 and sparse masks that hold through training and the merge."""
 
 import json
@@ -14,7 +14,7 @@ from torch.utils.data import Dataset
 from transformers import LlamaForCausalLM, TrainerCallback, TrainingArguments
 
 from hfprune.callbacks import SparsityMaskCallback
-from hfprune.recovery.lora import LoraSpec, LoraTargetError, MaskedLora, _MaskedLowRank, merge_lora, wrap_lora
+from hfprune.training.recovery.lora import LoraSpec, LoraTargetError, MaskedLora, _MaskedLowRank, merge_lora, wrap_lora
 from hfprune.trainer import PruneTrainer
 
 
@@ -182,7 +182,7 @@ def test_dense_adapters_are_masked_at_merge_with_a_warning(caplog):
         for name, p in peft_model.named_parameters():
             if ".lora_B." in name:
                 p.normal_()
-    with caplog.at_level(logging.WARNING, logger="hfprune.recovery.lora"):
+    with caplog.at_level(logging.WARNING, logger="hfprune.training.recovery.lora"):
         merged = merge_lora(peft_model, masks)
     assert masked_nonzeros(merged, masks) == 0
     assert "trained with a dense update" in caplog.text and "wrap_lora" in caplog.text

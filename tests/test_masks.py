@@ -1,4 +1,4 @@
-"""hfprune.masks: the bit-packed mask file round-trips exactly, stays compact, reads with numpy, rejects
+"""hfprune.masks.storage: the bit-packed mask file round-trips exactly, stays compact, reads with numpy, rejects
 foreign files; masks from zeros and the sparsity report say what the weights hold; packed masks load by
 name and by FSDP2 shard without unpacking."""
 
@@ -10,7 +10,7 @@ import torch
 from conftest import tiny_model
 from safetensors.torch import save_file
 
-from hfprune.masks import (
+from hfprune.masks.storage import (
     PackedMask,
     int8_keep_bits,
     load_masks,

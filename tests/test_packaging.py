@@ -29,7 +29,7 @@ from hfprune.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
-PUBLIC = {"load_recipe": "hfprune.recipe", "run": "hfprune.pipeline", "get_pruner": "hfprune.pruners"}
+PUBLIC = {"load_recipe": "hfprune.recipe.schema", "run": "hfprune.pipeline.runner", "get_pruner": "hfprune.pruners"}
 PUBLIC |= {"PRUNERS": "hfprune.pruners"}
 # Declared but not imported by hfprune/, and why.
 NOT_IMPORTED = {
@@ -54,9 +54,9 @@ def _canonical(name: str) -> str:
 
 def test_import_is_cheap_and_the_callbacks_do_not_pull_the_pipeline():
     probe = (
-        "import sys, hfprune; heavy = {'torch', 'transformers', 'hfprune.pipeline', 'hfprune.recipe'}; "
+        "import sys, hfprune; heavy = {'torch', 'transformers', 'hfprune.pipeline.runner', 'hfprune.recipe.schema'}; "
         "print(sorted(heavy & set(sys.modules))); import hfprune.callbacks; "
-        "print(sorted({'hfprune.pipeline', 'hfprune.recipe', 'hfprune.pruners'} & set(sys.modules)))"
+        "print(sorted({'hfprune.pipeline.runner', 'hfprune.recipe.schema', 'hfprune.pruners'} & set(sys.modules)))"
     )
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, check=True)
     assert done.stdout.split("\n")[:2] == ["[]", "[]"], done.stdout + done.stderr
@@ -125,7 +125,7 @@ def test_the_wheel_carries_templates_recipes_and_every_module(tmp_path):
     expected = {f"hfprune/model_cards/{p.name}" for p in (ROOT / "model_cards").glob("*.md")}
     expected |= {f"hfprune/recipes/{p.name}" for p in (ROOT / "recipes").glob("*.yaml")}
     expected |= {f"hfprune/{p.relative_to(ROOT / 'hfprune')}" for p in (ROOT / "hfprune").rglob("*.py")}
-    expected |= {f"hfprune/eval_tasks/{p.name}" for p in (ROOT / "hfprune" / "eval_tasks").glob("*.*l")}
+    expected |= {f"hfprune/eval/tasks/{p.name}" for p in (ROOT / "hfprune" / "eval" / "tasks").glob("*.*l")}
     assert {"hfprune/model_cards/_sections.md", "hfprune/recipes/quickstart.yaml"} <= expected
     assert expected - names == set()
     assert not any(n.startswith(("model_cards/", "recipes/", "tests/")) for n in names)
@@ -173,7 +173,7 @@ def test_an_installed_wheel_lists_validates_and_renders_cards_from_anywhere(tmp_
     work.mkdir()
     hfprune_bin = str(bin_dir / "hfprune")
     located = subprocess.run(
-        [str(bin_dir / "python"), "-c", "import hfprune.cards as c; print(c.template_path('pruned'))"],
+        [str(bin_dir / "python"), "-c", "import hfprune.publish.cards as c; print(c.template_path('pruned'))"],
         cwd=work,
         capture_output=True,
         text=True,

@@ -8,7 +8,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerFast
 
-from hfprune.packing import PackedTokenStream
+from hfprune.training.packing import PackedTokenStream
 
 
 SEQ = 16

@@ -12,12 +12,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from hfprune import pipeline
+from hfprune.pipeline import runner as pipeline
 from hfprune.hub import load_parent
-from hfprune.masks import load_masks, masks_from_zeros, save_masks
-from hfprune.parent_masks import ParentMasksError
-from hfprune.recipe import ParentSpec, load_recipe
-from hfprune.stages.base import make_pruner
+from hfprune.masks.storage import load_masks, masks_from_zeros, save_masks
+from hfprune.masks.parent import ParentMasksError
+from hfprune.recipe.schema import ParentSpec, load_recipe
+from hfprune.pipeline.stages.base import make_pruner
 
 
 SPARSITY = 0.4
@@ -123,7 +123,7 @@ def test_sparse_pruning_keeps_every_weight_the_parent_removed(sparse_parent, met
     parent = loaded(sparse_parent)
     parent_masks = dict(parent.masks)
     recipe = _recipe(sparse_parent, method, 0.5)
-    with caplog.at_level(logging.INFO, logger="hfprune.parent_masks"):
+    with caplog.at_level(logging.INFO, logger="hfprune.masks.parent"):
         result = _prune(recipe, parent)
     for name, keep in parent_masks.items():
         assert not (result.masks[name] & ~keep).any(), name  # removed by the parent: removed now
@@ -138,7 +138,7 @@ def test_sparse_pruning_keeps_every_weight_the_parent_removed(sparse_parent, met
 
 def test_a_parent_sparser_than_the_target_stays_as_sparse_and_says_so(sparse_parent, caplog):
     parent = loaded(sparse_parent)
-    with caplog.at_level(logging.WARNING, logger="hfprune.parent_masks"):
+    with caplog.at_level(logging.WARNING, logger="hfprune.masks.parent"):
         result = _prune(_recipe(sparse_parent, "magnitude", 0.2), parent)
     assert any("sparser than requested" in r.getMessage() for r in caplog.records)
     removed = sum(int((~m).sum()) for m in result.masks.values()) / sum(
@@ -148,7 +148,7 @@ def test_a_parent_sparser_than_the_target_stays_as_sparse_and_says_so(sparse_par
 
 
 def _recipe(parent, method, ratio, **options):
-    from hfprune.recipe import Recipe
+    from hfprune.recipe.schema import Recipe
 
     return Recipe.model_validate(
         {
@@ -161,8 +161,8 @@ def _recipe(parent, method, ratio, **options):
 
 
 def _prune(recipe, parent):
-    from hfprune.pipeline import context_for
-    from hfprune.stages.prune import prune_model
+    from hfprune.pipeline.runner import context_for
+    from hfprune.pipeline.stages.prune import prune_model
 
     ctx = context_for(recipe)
     assert isinstance(ctx.pruner, type(make_pruner(recipe)))

@@ -12,11 +12,13 @@ import pytest
 import yaml
 from conftest import tiny_config
 
-from hfprune import pipeline, providers
+from hfprune.pipeline import runner as pipeline
+
+from hfprune.pipeline import providers
 from hfprune.hub import ParentLoadError
-from hfprune.modeling import UnsupportedArchitectureError
+from hfprune.models.structure import UnsupportedArchitectureError
 from hfprune.outputs import OutputError
-from hfprune.recipe import load_recipe
+from hfprune.recipe.schema import load_recipe
 
 
 def ran(summary) -> list[str]:

@@ -11,9 +11,9 @@ import torch
 from conftest import tiny_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from hfprune import placement
+from hfprune.models import placement
 from hfprune.errors import InvalidInput
-from hfprune.placement import (
+from hfprune.models.placement import (
     DeviceError,
     PlacementError,
     describe,
@@ -26,7 +26,7 @@ from hfprune.placement import (
     weight_bytes,
 )
 from hfprune.pruners import get_pruner
-from hfprune.recipe import RecipeError, validate_recipe
+from hfprune.recipe.schema import RecipeError, validate_recipe
 
 
 CPU = torch.device("cpu")  # the device offloaded layers are brought to; a different object from HOST
@@ -113,7 +113,7 @@ def test_an_8b_parent_on_meta_is_measured_without_memory_and_refused_elsewhere(c
     assert size == 2 * 8_030_261_248 + 256  # 8.03B parameters and two rotary tables of 64 values, in bf16
     gib = 2**30
     assert fits(size, 79 * gib) and not fits(size, 16 * gib)  # an 80 GB card holds it; a 16 GB one does not
-    with caplog.at_level(logging.INFO, logger="hfprune.placement"):
+    with caplog.at_level(logging.INFO, logger="hfprune.models.placement"):
         assert not place(model, torch.device("meta"), stage="parent").offloaded
     assert "parent: on meta in bfloat16 (14.96 GiB of weights)" in caplog.text
     with pytest.raises(PlacementError, match="meta device .never loaded.*cannot be placed on cpu"):
@@ -122,7 +122,7 @@ def test_an_8b_parent_on_meta_is_measured_without_memory_and_refused_elsewhere(c
 
 def test_whole_placement_logs_device_and_dtype(caplog):
     model = tiny_model()
-    with caplog.at_level(logging.INFO, logger="hfprune.placement"):
+    with caplog.at_level(logging.INFO, logger="hfprune.models.placement"):
         result = place(model, CPU, stage="pruned model")
     assert result.to_dict() == {
         "device": "cpu", "dtype": "float32", "offloaded_layers": False, "weight_bytes": weight_bytes(model),
@@ -185,7 +185,7 @@ def test_pruning_an_offloaded_parent_decides_as_pruning_a_whole_one(method):
 
 def test_an_8b_shaped_parent_is_pruned_on_meta_to_the_planned_shape():
     """The surgery at full scale without memory: width and depth pruning of a meta-device 8B parent."""
-    from hfprune.modeling import count_parameters
+    from hfprune.models.structure import count_parameters
     from hfprune.pruners.width import WidthScores
 
     config = LlamaConfig(

@@ -11,8 +11,12 @@ import pytest
 import torch
 import transformers
 
-from hfprune import distributed, pipeline, placement
-from hfprune.recipe import load_recipe
+from hfprune import distributed
+
+from hfprune.pipeline import runner as pipeline
+
+from hfprune.models import placement
+from hfprune.recipe.schema import load_recipe
 
 
 def test_auto_resolves_to_the_cpu_without_cuda_and_every_stage_logs_it(write_recipe, monkeypatch, caplog):
@@ -71,9 +75,9 @@ def test_under_torchrun_pruning_and_evaluation_run_on_the_main_process_only(writ
 def test_a_sweep_prunes_its_shared_parent_in_place_and_reloads_it_for_the_next_cell(
     write_recipe, monkeypatch
 ):
-    from hfprune import providers
+    from hfprune.pipeline import providers
     from hfprune.hub import Parent
-    from hfprune.sweep import SharedParent
+    from hfprune.sweep.runner import SharedParent
 
     loads: list[object] = []
 

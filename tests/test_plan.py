@@ -25,9 +25,9 @@ import torch
 from transformers import AutoConfig, LlamaConfig
 
 from hfprune.errors import InvalidInput
-from hfprune.hardware import GIB, Hardware
-from hfprune.plan import PlanError, estimate, format_plan, plan_recipe, problems, require_fits
-from hfprune.recipe import load_recipe
+from hfprune.plan.hardware import GIB, Hardware
+from hfprune.plan.estimate import PlanError, estimate, format_plan, plan_recipe, problems, require_fits
+from hfprune.recipe.schema import load_recipe
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -322,7 +322,7 @@ class _PeakRSS:
 def _measure() -> dict[str, int]:
     from transformers import LlamaForCausalLM
 
-    from hfprune.eval import perplexity
+    from hfprune.eval.perplexity import perplexity
     from hfprune.pruners import get_pruner
 
     torch.set_num_threads(1)

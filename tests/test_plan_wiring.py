@@ -13,11 +13,13 @@ import transformers
 from click.testing import CliRunner
 from conftest import tiny_recipe_yaml
 
-from hfprune import config_cache, hub
+from hfprune import hub
+
+from hfprune.models import config_cache
 from hfprune.cli import main
-from hfprune.hardware import GIB, Hardware, parse_size, stated_hardware
-from hfprune.plan import DEVICE_RESERVE, plan_recipe
-from hfprune.recipe import load_recipe
+from hfprune.plan.hardware import GIB, Hardware, parse_size, stated_hardware
+from hfprune.plan.estimate import DEVICE_RESERVE, plan_recipe
+from hfprune.recipe.schema import load_recipe
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -147,7 +149,7 @@ def test_sweep_dry_run_reads_the_parent_config_once_and_shows_each_cells_plan(
 def test_the_config_cache_sees_a_changed_file_and_hands_out_copies(tmp_path, tiny_parent_dir):
     import shutil
 
-    from hfprune.recipe import ParentSpec
+    from hfprune.recipe.schema import ParentSpec
 
     folder = tmp_path / "parent"
     shutil.copytree(tiny_parent_dir, folder)

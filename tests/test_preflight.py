@@ -13,8 +13,8 @@ from transformers import GPT2Config
 
 from hfprune import distributed, hub
 from hfprune.cli import main
-from hfprune.preflight import output_problem, preflight
-from hfprune.recipe import RecipeError, load_recipe
+from hfprune.checks.preflight import output_problem, preflight
+from hfprune.recipe.schema import RecipeError, load_recipe
 
 
 def invoke(*args: str):

@@ -21,20 +21,20 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from hfprune import pipeline
+from hfprune.pipeline import runner as pipeline
 from hfprune._faults import ENV
 from hfprune.cli import main
-from hfprune.data import iter_texts
-from hfprune.grid import load_sweep
+from hfprune.data.texts import iter_texts
+from hfprune.sweep.grid import load_sweep
 from hfprune.hub import load_parent_config
 from hfprune.outputs import _TEMPORARY
-from hfprune.preflight import preflight
-from hfprune.pretrain import initial_parent, planned_parent_config, pretrain_fingerprint, work_root
-from hfprune.recipe import RecipeError, load_recipe
-from hfprune.schema import default_dataset
+from hfprune.checks.preflight import preflight
+from hfprune.training.pretrain import initial_parent, planned_parent_config, pretrain_fingerprint, work_root
+from hfprune.recipe.schema import RecipeError, load_recipe
+from hfprune.recipe.base import default_dataset
 from hfprune.seeds import Role, role_seed
-from hfprune.tokenizer_train import TokenizerError, corpus_head, train_bpe
-from hfprune.twin import scratch_twin_from_folder
+from hfprune.training.tokenizer import TokenizerError, corpus_head, train_bpe
+from hfprune.models.twin import scratch_twin_from_folder
 
 
 VOCAB = 320
@@ -238,7 +238,7 @@ def test_a_kill_mid_pretraining_resumes_to_the_same_parent(tmp_path, pretrained)
 
 
 def test_evaluating_on_the_pretraining_text_is_flagged(tmp_path):
-    from hfprune.heldout import overlap_problems
+    from hfprune.checks.heldout import overlap_problems
 
     recipe = load_recipe(write(tmp_path))
     assert not overlap_problems(recipe)  # pydoc's test split is held out from its train split

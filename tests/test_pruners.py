@@ -10,7 +10,7 @@ import torch
 from conftest import tiny_model
 from transformers import AutoModelForCausalLM
 
-from hfprune.modeling import count_parameters
+from hfprune.models.structure import count_parameters
 from hfprune.pruners import PRUNERS, Granularity, get_pruner
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from hfprune.recipe import Recipe, RecipeError, load_recipe
+from hfprune.recipe.schema import Recipe, RecipeError, load_recipe
 
 
 MINIMAL = "name: r\nparent: {model: some/model}\nprune: {method: shortgpt, ratio: 0.5}\n"
@@ -112,7 +112,7 @@ def test_a_recipe_over_the_size_cap_is_refused_before_reading(tmp_path, monkeypa
 
 
 def test_a_stream_without_a_size_is_read_only_up_to_the_cap(tmp_path, monkeypatch):
-    from hfprune import recipe_raw
+    from hfprune.recipe import loading as recipe_raw
 
     monkeypatch.setattr(recipe_raw, "MAX_RECIPE_BYTES", 64)
     assert problems_of(Path("/dev/zero"))[""].startswith("too large for a recipe (at most 64 bytes)")
@@ -199,7 +199,7 @@ def test_train_args_problems_come_with_the_others_and_leave_no_files(tmp_path, m
 
 
 def test_a_budget_below_one_step_is_left_to_preflight(tmp_path):
-    # The budget depends on the number of processes: `hfprune.preflight` judges it, with the rest.
+    # The budget depends on the number of processes: `hfprune.checks.preflight` judges it, with the rest.
     recipe = load_recipe(
         write(tmp_path, MINIMAL + TRAIN % "per_device_train_batch_size: 2"), ["train.token_budget=10"]
     )

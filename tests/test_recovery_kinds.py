@@ -11,10 +11,14 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, TrainerCallback
 
-from hfprune import kinds, pipeline, training
-from hfprune.checkpoints import COMPLETE_MARKER
-from hfprune.masks import load_masks
-from hfprune.recipe import RecipeError, load_recipe
+from hfprune import kinds
+
+from hfprune.pipeline import runner as pipeline
+
+from hfprune.training import train as training
+from hfprune.training.checkpoints import COMPLETE_MARKER
+from hfprune.masks.storage import load_masks
+from hfprune.recipe.schema import RecipeError, load_recipe
 
 
 TRAIN = """

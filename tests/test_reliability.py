@@ -23,7 +23,7 @@ from click.testing import CliRunner
 from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM
 
-from hfprune import pipeline
+from hfprune.pipeline import runner as pipeline
 from hfprune.cli import main
 from hfprune.failures import OutOfMemory, translate_oom, write_failure
 from hfprune.outputs import (
@@ -37,7 +37,7 @@ from hfprune.outputs import (
     remove_stale_temporaries,
     write_json,
 )
-from hfprune.recipe import load_recipe
+from hfprune.recipe.schema import load_recipe
 
 
 TRAIN = """
@@ -431,7 +431,7 @@ def test_a_second_run_on_the_folder_fails_at_once_naming_the_holder(write_recipe
 
 
 def test_a_sweep_locks_its_folder_while_writing_the_report(tmp_path, monkeypatch):
-    from hfprune import sweep
+    from hfprune.sweep import runner as sweep
 
     seen = []
     monkeypatch.setattr(
@@ -457,7 +457,7 @@ def test_the_next_run_removes_what_a_kill_left_and_keeps_finished_stages(write_r
 
 
 def test_out_of_memory_in_a_stage_is_one_line_naming_it(write_recipe, monkeypatch):
-    from hfprune.stages import prune
+    from hfprune.pipeline.stages import prune
 
     def oom(*_args, **_kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.00 GiB.")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-from hfprune.report import find_runs, write_report
+from hfprune.report.runs import find_runs, write_report
 
 
 PROTOCOL = {

@@ -14,8 +14,8 @@ import pytest
 import torch
 import yaml
 
-from hfprune.report import write_report
-from hfprune.report_findings import MIXED, NOT_TESTABLE, REFUTED, SUPPORTED
+from hfprune.report.runs import write_report
+from hfprune.report.findings import MIXED, NOT_TESTABLE, REFUTED, SUPPORTED
 
 
 WINDOWS = 40
@@ -186,8 +186,8 @@ def test_a_sweep_without_the_pipeline_twin_gets_the_ordinary_report(tmp_path):
 def test_perplexity_keeps_each_windows_nll_and_its_standard_error(tiny_tokenizer):
     from conftest import tiny_model
 
-    from hfprune.data import windows
-    from hfprune.eval import perplexity
+    from hfprune.data.texts import windows
+    from hfprune.eval.perplexity import perplexity
 
     model = tiny_model(num_hidden_layers=2)
     ids = torch.randint(2, 384, (7 * 31,), generator=torch.Generator().manual_seed(0)).tolist()

@@ -12,7 +12,7 @@ from transformers import LlamaConfig
 
 from hfprune.pruners.base import ShapeError
 from hfprune.pruners.shapes import legal_groups_removed, resolve_shape
-from hfprune.recipe import load_recipe
+from hfprune.recipe.schema import load_recipe
 
 
 RATIOS = (0.5, 0.6, 0.7, 0.8)

@@ -1,4 +1,4 @@
-"""Training at scale, host side (hfprune.sharding through hfprune.training): which processes read the
+"""Training at scale, host side (hfprune.training.sharding through hfprune.training.train): which processes read the
 weights, masks kept bit-packed and per shard, and evaluation after FSDP training.
 
 The FSDP path itself runs in two real processes (torchrun, gloo, raw FSDP2 prepared by accelerate's own
@@ -23,17 +23,17 @@ from torch.distributed.fsdp import fully_shard
 from torch.utils.data import Dataset
 from transformers import AutoModelForCausalLM, LlamaForCausalLM, TrainingArguments
 
-import hfprune.sharding
+import hfprune.training.sharding
 from hfprune.callbacks import SparsityMaskCallback
-from hfprune.masks import PackedMask, load_packed_masks, save_masks
+from hfprune.masks.storage import PackedMask, load_packed_masks, save_masks
 from hfprune.trainer import PruneTrainer
-from hfprune.training import (
+from hfprune.training.train import (
     load_for_training,
     masks_for_training,
     trained_model_for_eval,
     twin_for_training,
 )
-from hfprune.twin import scratch_twin_from_folder
+from hfprune.models.twin import scratch_twin_from_folder
 
 
 SCRIPT = Path(__file__).with_name("fsdp_eval_script.py")
@@ -74,7 +74,7 @@ def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
 def as_process(monkeypatch, rank: int, world: int, accelerator: bool) -> None:
     monkeypatch.setenv("RANK", str(rank))
     monkeypatch.setenv("WORLD_SIZE", str(world))
-    monkeypatch.setattr(hfprune.sharding, "_accelerator_available", lambda: accelerator)
+    monkeypatch.setattr(hfprune.training.sharding, "_accelerator_available", lambda: accelerator)
 
 
 # ---- FSDP settings: what the arguments ask for ----
@@ -95,28 +95,28 @@ def as_process(monkeypatch, rank: int, world: int, accelerator: bool) -> None:
     ],
 )
 def test_fsdp_settings_read_the_recipe_args(args, settings):
-    assert hfprune.sharding.fsdp_settings(args) == settings
+    assert hfprune.training.sharding.fsdp_settings(args) == settings
 
 
 def test_ram_efficient_loading_from_args_a_json_file_and_training_arguments(tmp_path):
-    assert hfprune.sharding.ram_efficient_loading(EFFICIENT)
-    assert hfprune.sharding.ram_efficient_loading(
+    assert hfprune.training.sharding.ram_efficient_loading(EFFICIENT)
+    assert hfprune.training.sharding.ram_efficient_loading(
         {"fsdp": True, "fsdp_config": {"fsdp_cpu_ram_efficient_loading": "True"}}
     )
-    assert not hfprune.sharding.ram_efficient_loading(
+    assert not hfprune.training.sharding.ram_efficient_loading(
         {"fsdp": True, "fsdp_config": {"cpu_ram_efficient_loading": "false"}}
     )
-    assert not hfprune.sharding.ram_efficient_loading({"fsdp": True})
-    assert not hfprune.sharding.ram_efficient_loading({"fsdp_config": {"cpu_ram_efficient_loading": True}})
+    assert not hfprune.training.sharding.ram_efficient_loading({"fsdp": True})
+    assert not hfprune.training.sharding.ram_efficient_loading({"fsdp_config": {"cpu_ram_efficient_loading": True}})
     config = tmp_path / "fsdp.json"
     config.write_text(json.dumps({"fsdp_cpu_ram_efficient_loading": True}))
-    assert hfprune.sharding.ram_efficient_loading({"fsdp": True, "fsdp_config": str(config)})
+    assert hfprune.training.sharding.ram_efficient_loading({"fsdp": True, "fsdp_config": str(config)})
     # TrainingArguments (FSDP asked for on a CPU machine: the Trainer would run DDP, the settings stand)
     args = TrainingArguments(
         str(tmp_path / "out"), use_cpu=True, report_to=[], fsdp=True, fsdp_config=str(config)
     )
-    assert hfprune.sharding.ram_efficient_loading(args)
-    assert not hfprune.sharding.ram_efficient_loading(
+    assert hfprune.training.sharding.ram_efficient_loading(args)
+    assert not hfprune.training.sharding.ram_efficient_loading(
         TrainingArguments(str(tmp_path / "o2"), use_cpu=True, report_to=[])
     )
 
@@ -132,9 +132,9 @@ def test_ram_efficient_loading_from_args_a_json_file_and_training_arguments(tmp_
 )
 def test_which_processes_read_the_weights(monkeypatch, rank, world, accelerator, sharded, materialises):
     as_process(monkeypatch, rank, world, accelerator)
-    assert hfprune.sharding.sharded_training(EFFICIENT) is sharded
-    assert hfprune.sharding.materialises_weights(EFFICIENT) is materialises
-    assert hfprune.sharding.materialises_weights({"fsdp": True}) is True  # without the option: all do
+    assert hfprune.training.sharding.sharded_training(EFFICIENT) is sharded
+    assert hfprune.training.sharding.materialises_weights(EFFICIENT) is materialises
+    assert hfprune.training.sharding.materialises_weights({"fsdp": True}) is True  # without the option: all do
 
 
 # ---- Loading the model and the twin ----
@@ -268,7 +268,7 @@ def test_an_unsharded_trained_model_is_evaluated_as_it_is(pruned):
         accelerator=SimpleNamespace(unwrap_model=lambda m: m.module if m is wrapper else m),
     )
     assert trained_model_for_eval(trainer) is model
-    assert not hfprune.sharding.is_sharded(wrapper)
+    assert not hfprune.training.sharding.is_sharded(wrapper)
 
 
 @pytest.fixture
@@ -289,7 +289,7 @@ def test_a_sharded_model_is_gathered_into_a_whole_copy(one_process_group, tie):
     for layer in model.model.layers:
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
-    assert hfprune.sharding.is_sharded(model)
+    assert hfprune.training.sharding.is_sharded(model)
     trainer = SimpleNamespace(
         model=model,
         model_wrapped=model,
@@ -297,7 +297,7 @@ def test_a_sharded_model_is_gathered_into_a_whole_copy(one_process_group, tie):
         is_deepspeed_enabled=False,
     )
     copy = trained_model_for_eval(trainer)
-    assert type(copy) is LlamaForCausalLM and not hfprune.sharding.is_sharded(copy) and not copy.training
+    assert type(copy) is LlamaForCausalLM and not hfprune.training.sharding.is_sharded(copy) and not copy.training
     assert copy.state_dict().keys() == expected.keys()
     assert all(torch.equal(copy.state_dict()[name], value) for name, value in expected.items())
     assert (copy.lm_head.weight is copy.model.embed_tokens.weight) is tie

@@ -13,13 +13,13 @@ import yaml
 from click.testing import CliRunner
 from conftest import tiny_recipe_yaml
 
-from hfprune import pipeline
+from hfprune.pipeline import runner as pipeline
 from hfprune.cli import main
-from hfprune.grid import load_sweep
-from hfprune.recipe import RecipeError, load_recipe
-from hfprune.report import write_report
+from hfprune.sweep.grid import load_sweep
+from hfprune.recipe.schema import RecipeError, load_recipe
+from hfprune.report.runs import write_report
 from hfprune.seeds import Role, role_seed
-from hfprune.sweep import run_sweep
+from hfprune.sweep.runner import run_sweep
 
 
 PRETRAINED = 192  # the parent's pretraining tokens, as a recipe declares them

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from hfprune.grid import load_sweep
-from hfprune.recipe import load_recipe, read_recipe_yaml
+from hfprune.sweep.grid import load_sweep
+from hfprune.recipe.schema import load_recipe, read_recipe_yaml
 
 
 RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from hfprune import pipeline
-from hfprune.assets import fetch_all
-from hfprune.recipe import load_recipe
+from hfprune.pipeline import runner as pipeline
+from hfprune.data.assets import fetch_all
+from hfprune.recipe.schema import load_recipe
 
 
 ROOT = Path(__file__).parent.parent
@@ -48,7 +48,7 @@ def test_half_the_layers_and_half_the_non_embedding_parameters(quickstart_run):
 
 
 def test_quickstart_trains_both_runs_and_the_pruned_start_wins(quickstart_run):
-    from hfprune.report import write_report
+    from hfprune.report.runs import write_report
 
     metrics = json.loads((quickstart_run / "metrics.json").read_text())
     ppl = {k: metrics[k]["perplexity"]["hamlet"]["value"] for k in ("pruned", "continued", "scratch")}
@@ -65,7 +65,7 @@ def test_wanda_then_continued_and_scratch_training(tmp_path):
     """The whole factory on the real model: sparse pruning, both runs on one budget, masks held."""
     from safetensors.torch import load_file
 
-    from hfprune.masks import load_masks
+    from hfprune.masks.storage import load_masks
 
     os.chdir(ROOT)
     fetch_all()

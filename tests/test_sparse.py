@@ -15,7 +15,7 @@ from conftest import tiny_config, tiny_model
 from transformers import LlamaConfig
 
 from hfprune.architectures.llama import LLAMA
-from hfprune.masks import load_masks, save_masks
+from hfprune.masks.storage import load_masks, save_masks
 from hfprune.pruners import get_pruner
 from hfprune.pruners._sparse_math import (
     HessianError,
@@ -26,7 +26,7 @@ from hfprune.pruners._sparse_math import (
     pruned_count,
     sparsegpt_prune,
 )
-from hfprune.recipe import RecipeError, load_recipe, validate_recipe
+from hfprune.recipe.schema import RecipeError, load_recipe, validate_recipe
 
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"

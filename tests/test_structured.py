@@ -15,7 +15,7 @@ import torch
 from conftest import tiny_model
 
 from hfprune.architectures.llama import LLAMA
-from hfprune.modeling import decoder_layers
+from hfprune.models.structure import decoder_layers
 from hfprune.pruners import get_pruner
 from hfprune.pruners._ops import keep_ffn_neurons, keep_hidden_channels, keep_kv_groups
 from hfprune.pruners.shapes import ShapeSpace
@@ -238,8 +238,8 @@ def test_checkpoints_reload_without_hfprune(tmp_path):
 
 
 def test_prune_report_lists_what_was_kept(write_recipe):
-    from hfprune.pipeline import run
-    from hfprune.recipe import load_recipe
+    from hfprune.pipeline.runner import run
+    from hfprune.recipe.schema import load_recipe
 
     extra = "  options: {alignment: 8, bias_compensation: attention}\n"
     path = write_recipe(method="flap")

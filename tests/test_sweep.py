@@ -12,13 +12,13 @@ import torch
 from click.testing import CliRunner
 from conftest import VOCAB_SIZE, tiny_model, tiny_recipe_yaml
 
-from hfprune import providers
+from hfprune.pipeline import providers
 from hfprune.cli import main
-from hfprune.grid import SweepError, load_sweep
+from hfprune.sweep.grid import SweepError, load_sweep
 from hfprune.pruners import get_pruner
-from hfprune.recipe import RecipeError, load_recipe
-from hfprune.sweep import run_sweep
-from hfprune.sweep_plan import describe_sweep
+from hfprune.recipe.schema import RecipeError, load_recipe
+from hfprune.sweep.runner import run_sweep
+from hfprune.sweep.dry_run import describe_sweep
 
 
 TRAIN = """
@@ -252,7 +252,7 @@ def test_a_sweep_cell_prunes_and_scores_exactly_like_the_same_recipe_run_alone(w
     give the same pruned weights and the same metrics."""
     from safetensors.torch import load_file
 
-    from hfprune import pipeline
+    from hfprune.pipeline import runner as pipeline
 
     path = write_sweep(
         "method: [minitron_width]\nratio: [0.5, 0.75]\noptions: {minitron_width: {alignment: 8}}\n", ""

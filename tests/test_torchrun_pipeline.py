@@ -8,8 +8,8 @@ import os
 import subprocess
 import sys
 
-from hfprune import pipeline
-from hfprune.recipe import load_recipe
+from hfprune.pipeline import runner as pipeline
+from hfprune.recipe.schema import load_recipe
 
 
 TRAIN = """

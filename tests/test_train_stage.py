@@ -8,10 +8,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, TrainerCallback
 
-from hfprune import pipeline, training
-from hfprune.checkpoints import COMPLETE_MARKER
-from hfprune.recipe import load_recipe
-from hfprune.training import TrainingSetupError
+from hfprune.pipeline import runner as pipeline
+
+from hfprune.training import train as training
+from hfprune.training.checkpoints import COMPLETE_MARKER
+from hfprune.recipe.schema import load_recipe
+from hfprune.training.train import TrainingSetupError
 
 
 TRAIN = """
@@ -133,7 +135,7 @@ def test_learning_curves_share_the_token_axis(write_recipe):
 def test_sparse_run_reports_its_ratio_and_training_keeps_the_masks(write_recipe):
     from safetensors.torch import load_file
 
-    from hfprune.masks import load_masks
+    from hfprune.masks.storage import load_masks
 
     recipe = load_recipe(write_recipe(TRAIN, method="wanda"))
     pipeline.run(recipe)

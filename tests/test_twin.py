@@ -7,9 +7,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
-import hfprune.twin
-from hfprune.masks import PackedMask, load_packed_masks, save_masks
-from hfprune.twin import make_scratch_twin, scratch_twin_from_folder
+import hfprune.models.twin
+from hfprune.masks.storage import PackedMask, load_packed_masks, save_masks
+from hfprune.models.twin import make_scratch_twin, scratch_twin_from_folder
 
 
 def pruned_llama(tie: bool = False) -> LlamaForCausalLM:
@@ -186,14 +186,14 @@ def test_twin_from_a_folder_has_the_published_weights_without_loading_the_pruned
     tmp_path, no_full_load, monkeypatch
 ):
     cases = golden_cases()
-    read, original = [], hfprune.twin._checkpoint_tensors
+    read, original = [], hfprune.models.twin._checkpoint_tensors
 
     def spy(*args):
         tensors = original(*args)
         read.append(sorted(tensors))
         return tensors
 
-    monkeypatch.setattr(hfprune.twin, "_checkpoint_tensors", spy)
+    monkeypatch.setattr(hfprune.models.twin, "_checkpoint_tensors", spy)
     for name in ("plain_seed0", "plain_seed7", "tied_keep_seed0", "masked_keep_seed3"):
         model, kw = cases[name]
         if "masks" in kw:  # kept bit-packed until each parameter is zeroed

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from hfprune.workspace import MetricsStore, Workspace
+from hfprune.pipeline.workspace import MetricsStore, Workspace
 
 
 def test_update_merges_into_what_is_on_disk_now(tmp_path):

@@ -19,7 +19,7 @@ _PEFT_PREFIX = ("base_model", "model")  # PeftModel -> its tuner (LoraModel, ...
 
 MASKED_DELTA_ATTR = "hfprune_masked_delta"
 """Set (True) on a PEFT layer whose adapter update is restricted to the base weight's keep mask
-(`hfprune.recovery.lora.restrict_to_masks`), so a merge keeps its pruned weights at zero."""
+(`hfprune.training.recovery.lora.restrict_to_masks`), so a merge keeps its pruned weights at zero."""
 
 
 def canonical_name(name: str) -> str:

@@ -15,7 +15,7 @@ infixes are mapped to the plain names, so the masks of the pruned model apply un
 copy. Adapter parameters (`lora_A`, `lora_B`, ..., anything inside an adapted layer but outside its
 `base_layer`) are never masked. A PEFT merge is outside training, so the callback cannot guard it:
 peft's `merge_and_unload()` adds the dense `B @ A` to the pruned weights. Merge with
-`hfprune.recovery.lora.merge_lora(model, masks)`, or wrap with `hfprune.recovery.lora.wrap_lora(model,
+`hfprune.training.recovery.lora.merge_lora(model, masks)`, or wrap with `hfprune.training.recovery.lora.wrap_lora(model,
 spec, masks=masks)` so the adapters only ever update kept weights; the callback warns when it sees
 masked weights under adapters that are not restricted that way.
 """
@@ -35,7 +35,7 @@ from hfprune.callbacks.param_names import (
     canonical_name,
     resolve_names,
 )
-from hfprune.packed_masks import KeepMask, PackedMask, local_keep_bits
+from hfprune.masks.packed import KeepMask, PackedMask, local_keep_bits
 
 
 logger = logging.getLogger(__name__)
@@ -101,9 +101,9 @@ class SparsityMaskCallback(TrainerCallback):
     `base_model.model....q_proj.base_layer.weight`) and adapter parameters are never masked, so the
     adapters train. A merge happens after training, out of the callback's reach: peft's
     `merge_and_unload()` writes the dense adapter update into pruned weights. Keep the sparsity with
-    `hfprune.recovery.lora.merge_lora(model, masks)` (the callback logs a warning saying so).
+    `hfprune.training.recovery.lora.merge_lora(model, masks)` (the callback logs a warning saying so).
 
-    Masks may stay bit-packed (`hfprune.masks.PackedMask`, from `load_packed_masks`): one bit per weight
+    Masks may stay bit-packed (`hfprune.masks.storage.PackedMask`, from `load_packed_masks`): one bit per weight
     in host memory, unpacked one parameter at a time. Under FSDP2 a packed mask may hold only the rows
     of this process's shard (`load_packed_masks(..., shard=(rank, world))`); a process whose shard
     is not among the rows it was given raises `ValueError` when training starts.
@@ -275,8 +275,8 @@ def _warn_dense_adapters(param_names: Iterable[str], adapted: Mapping[str, nn.Mo
             "SparsityMaskCallback: %d masked weights sit under PEFT adapters (e.g. %s). Training keeps them zero "
             "(the base weights are frozen and adapters are never masked), but peft's merge_and_unload() adds "
             "the dense adapter update to them. To keep the sparsity through a merge, merge with "
-            "hfprune.recovery.lora.merge_lora(model, masks), or train adapters restricted to the masks: "
-            "hfprune.recovery.lora.wrap_lora(model, spec, masks=masks).",
+            "hfprune.training.recovery.lora.merge_lora(model, masks), or train adapters restricted to the masks: "
+            "hfprune.training.recovery.lora.wrap_lora(model, spec, masks=masks).",
             len(dense),
             dense[0],
         )

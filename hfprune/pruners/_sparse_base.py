@@ -1,7 +1,7 @@
 """Plumbing shared by the sparse pruners: plan, ratio checks, hooks, the sequential walk, masks, report.
 
 Sits under `hfprune.pruners.sparse` (the registered pruners) and over `_sparse_math` (pure tensor
-math). `SparsePruner.prune()` walks the decoder layer by layer (`hfprune.calibrate.LayerWalk`): hooks
+math). `SparsePruner.prune()` walks the decoder layer by layer (`hfprune.pruners.calibration.LayerWalk`): hooks
 record one layer's input statistics, the layer is pruned, and it is run again so that the next layer
 is calibrated on pruned outputs. The walk holds every calibration window's hidden state at the current
 depth, at most `max_activation_bytes` of them in memory (on the model's device) and the rest spilled to
@@ -27,8 +27,8 @@ from pydantic import Field
 from transformers import PretrainedConfig, PreTrainedModel
 
 from hfprune.architectures import ParamCount, architecture_of
-from hfprune.calibrate import LayerStep, LayerWalk, stream_forward
-from hfprune.modeling import count_config_parameters, decoder_layers
+from hfprune.pruners.calibration import LayerStep, LayerWalk, stream_forward
+from hfprune.models.structure import count_config_parameters, decoder_layers
 from hfprune.pruners._sparse_math import HessianError, Pattern
 from hfprune.pruners._sparse_report import param_names, sparse_result, stats_to_cpu, timed
 from hfprune.pruners.base import Granularity, Pruner, PruneResult, PrunerOptions, ShapeError, TargetShape

@@ -15,8 +15,8 @@ import torch
 from transformers import PreTrainedModel
 
 from hfprune.architectures import ParamCount
-from hfprune.masks import sparsity_report
-from hfprune.modeling import count_config_parameters
+from hfprune.masks.storage import sparsity_report
+from hfprune.models.structure import count_config_parameters
 from hfprune.pruners._sparse_math import Pattern
 from hfprune.pruners.base import PruneResult, TargetShape
 

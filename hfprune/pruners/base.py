@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from transformers import PretrainedConfig, PreTrainedModel
 
 from hfprune.errors import RunFailure
-from hfprune.modeling import ParamCount
+from hfprune.models.structure import ParamCount
 
 
 class Granularity(StrEnum):

@@ -20,7 +20,7 @@ from typing import Any
 from transformers import PretrainedConfig
 
 from hfprune.architectures import ArchitectureSpec, ParamCount, architecture_of
-from hfprune.modeling import count_config_parameters, updated_config
+from hfprune.models.structure import count_config_parameters, updated_config
 from hfprune.pruners.base import ShapeError, TargetShape
 
 

@@ -4,7 +4,7 @@ Sits between calibration and saving. Each pruner here only says how to gather a 
 linear layer's calibration inputs and how to prune one weight matrix with it; the sequential
 layer-by-layer walk, the plan and the report live in `_sparse_base`, the tensor math in
 `_sparse_math`. The result carries keep-masks (True = keep) keyed by parameter name, which the
-prune stage saves with `hfprune.masks.save_masks`.
+prune stage saves with `hfprune.masks.storage.save_masks`.
 """
 
 from __future__ import annotations

@@ -1,1 +1,0 @@
-"""lm-eval tasks shipped with hfprune (task YAMLs, their data and `tasks.py`); see `hfprune.lmeval`."""

@@ -1,0 +1,1 @@
+"""Model cards (rendered from model_cards/ templates), their provenance and results sections."""

@@ -1,0 +1,67 @@
+"""The paper's Figure 1 for a study's cells: the continued-vs-scratch gap against tokens, both settings.
+
+Called by `hfprune.report.study.study_report`. One PNG, two panels: left, setting 1 (the random-init
+twin on the same tokens); right, setting 2 (the twin on the whole pipeline's tokens). x is the token
+budget of the model trained from the pruned weights (log axis: budgets span orders of magnitude); y is
+the gap in nats, mean NLL(twin) - mean NLL(continued), the log of the perplexity ratio, so it reads the
+same at any perplexity (positive: the pruned initialisation wins). Bars are ±1.96 standard errors of
+the per-window paired differences. One line per method and ratio: colour by method, style by ratio.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from hfprune.eval.perplexity import Z_95
+from hfprune.report.study import StudyCell
+
+
+PANELS = {1: "setting 1: same tokens", 2: "setting 2: scratch on parent pretraining + x tokens"}
+STYLES = ("-", "--", ":", "-.")
+
+
+def plot_figure1(cells: list[StudyCell], path: Path) -> list[dict[str, Any]]:
+    """Write the figure to `path`; return each panel's setting, title and number of lines drawn."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = sorted({cell.method for cell in cells})
+    ratios = sorted({cell.ratio for cell in cells})
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    panels = []
+    for ax, (setting, title) in zip(axes, PANELS.items(), strict=True):
+        drawn = 0
+        lines = sorted({(cell.method, cell.ratio) for cell in cells if cell.gap(setting) is not None})
+        for index, (method, ratio) in enumerate(lines):
+            points = sorted(
+                (cell.budget, gap)
+                for cell in cells
+                if (cell.method, cell.ratio) == (method, ratio) and (gap := cell.gap(setting)) is not None
+            )
+            # Lines sharing budgets would hide each other's bars: nudge each along the log axis.
+            nudge = 1 + 0.025 * (index - (len(lines) - 1) / 2)
+            ax.errorbar(
+                [budget * nudge for budget, _ in points],
+                [gap.value for _, gap in points],
+                yerr=[Z_95 * (gap.se or 0.0) for _, gap in points],
+                color=f"C{methods.index(method) % 10}",
+                linestyle=STYLES[ratios.index(ratio) % len(STYLES)],
+                marker="o", markersize=3, capsize=2, label=f"{method}, ratio {ratio}",
+            )  # fmt: skip
+            drawn += 1
+        ax.axhline(0, color="grey", linewidth=0.8)
+        ax.set_xscale("log")
+        ax.set(title=title, xlabel="continued model's training tokens",
+               ylabel="NLL(scratch) - NLL(continued), nats")  # fmt: skip
+        if drawn:
+            ax.legend(fontsize=6)
+        else:
+            ax.text(0.5, 0.5, "not measured", transform=ax.transAxes, ha="center", color="grey")
+        panels.append({"setting": setting, "title": title, "lines": drawn})
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return panels

@@ -1,0 +1,292 @@
+"""`hfprune report DIR`: the comparison a run (or a folder of runs) answers, as tables and plots.
+
+The last step after evaluation. It reads only the output contract (`recipe.yaml`, `metrics.json`,
+`models/pruned/prune_report.json`) of every run under DIR, so it works on finished runs from any
+machine, and writes `report.md`, `report.json` and PNG plots into DIR: one table per token budget
+(method x ratio; pruned-before-training, continued and scratch scores and the continued-minus-scratch
+gap), learning curves of continued vs scratch on the same token axis, and the gap against ratio and
+against budget. Scores are held-out perplexity (lower is better), so a negative gap means the pruned
+initialisation is ahead. The models compared are the kinds of `hfprune.kinds` (one score column each),
+and the gap is the one between the kind trained from the pruned weights and the one trained from the
+random-init twin (`kinds.comparison()`). A study's sweep (cells with both settings' twins) also gets
+the paper's Figure 1 and a findings table, one verdict per claim (`hfprune.report.study`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from hfprune import kinds
+from hfprune.report.plots import plot_curves, plot_gap
+from hfprune.report.study import study_report
+from hfprune.pipeline.workspace import Workspace
+
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RunRow:
+    """One run: its grid coordinates, parameter count and each model kind's score on one evaluation set."""
+
+    run: str
+    method: str
+    granularity: str
+    ratio: float
+    ratio_achieved: float | None
+    budget: int | None
+    params: int | None
+    params_non_embedding: int | None
+    metric: str
+    scores: dict[str, float | None]
+    tokens_trained: int | None
+    curves: dict[str, list[dict[str, float]]] = field(default_factory=dict)
+    protocol: dict[str, Any] = field(default_factory=dict)
+    twin_shared_from: str | None = None
+
+    def score(self, kind: str) -> float | None:
+        return self.scores.get(kind)
+
+    @property
+    def gap(self) -> float | None:
+        headline, baseline = (self.score(kind.name) for kind in kinds.comparison())
+        if headline is None or baseline is None:
+            return None
+        return headline - baseline
+
+    def to_dict(self) -> dict[str, Any]:
+        """report.json's row: the scores as one key per kind, after `metric`."""
+        data: dict[str, Any] = {}
+        for item in fields(self):
+            if item.name == "scores":
+                data.update(self.scores)
+            elif item.name == "twin_shared_from":
+                data[f"{kinds.comparison()[1].name}_shared_from"] = self.twin_shared_from
+            else:
+                data[item.name] = getattr(self, item.name)
+        return {**data, "gap": self.gap}
+
+
+def find_runs(folder: Path) -> list[Path]:
+    """`folder` itself when it is a run, otherwise every run folder below it (sorted)."""
+    if (folder / "metrics.json").is_file():
+        return [folder]
+    return sorted(p.parent for p in folder.rglob("metrics.json") if (p.parent / "recipe.yaml").is_file())
+
+
+def _score(metrics: dict[str, Any], model: str, metric: str) -> float | None:
+    return metrics.get(model, {}).get("perplexity", {}).get(metric, {}).get("value")
+
+
+def read_run(folder: Path) -> RunRow:
+    recipe = yaml.safe_load((folder / "recipe.yaml").read_text())
+    metrics = json.loads((folder / "metrics.json").read_text())
+    report_path = Workspace(folder).pruned_dir / "prune_report.json"
+    report = json.loads(report_path.read_text()) if report_path.is_file() else {}
+    sets = [p["name"] for p in recipe.get("eval", {}).get("perplexity", [])]
+    metric = sets[0] if sets else "perplexity"
+    train = recipe.get("train") or {}
+    headline, twin = kinds.comparison()
+    return RunRow(
+        run=folder.name,
+        method=recipe["prune"]["method"],
+        granularity=report.get("granularity", "?"),
+        ratio=recipe["prune"]["ratio"],
+        ratio_achieved=report.get("ratio_achieved"),
+        budget=train.get("token_budget"),
+        params=report.get("params_after", {}).get("total"),
+        params_non_embedding=report.get("params_after", {}).get("non_embedding"),
+        metric=metric,
+        scores={kind: _score(metrics, kind, metric) for kind in kinds.names()},
+        tokens_trained=metrics.get(headline.name, {}).get("tokens_trained"),
+        curves={
+            run: metrics[run]["curve"] for run in kinds.trained_names() if "curve" in metrics.get(run, {})
+        },
+        protocol=next(
+            (
+                metrics[m]["perplexity"][metric].get("protocol", {})
+                for m in kinds.names()
+                if metric in metrics.get(m, {}).get("perplexity", {})
+            ),
+            {},
+        ),
+        twin_shared_from=metrics.get(twin.name, {}).get("shared_from"),
+    )
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def _params(row: RunRow) -> str:
+    if not row.params:
+        return "-"
+    if row.params_non_embedding is None:
+        return f"{row.params / 1e6:.1f}M"
+    return f"{row.params / 1e6:.1f}M ({row.params_non_embedding / 1e6:.1f}M)"
+
+
+def describe_protocol(protocol: dict[str, Any]) -> str:
+    """The evaluation protocol in words, from a perplexity result's `protocol` record."""
+    if not protocol:
+        return "protocol recorded in each run's metrics.json"
+    dataset = protocol.get("dataset", {})
+    source = dataset.get("data_files") or dataset.get("path", "?")
+    split = f", split {dataset['split']}" if dataset.get("split") else ""
+    return (
+        f"`{source}`{split}: {protocol.get('windows', '?')} windows of {protocol.get('seq_len', '?')} tokens "
+        f"({protocol.get('tokens', '?')} scored tokens){', BOS prepended' if protocol.get('bos') else ''}"
+    )
+
+
+def finding_lines(rows: list[RunRow]) -> list[str]:
+    """Finding 1 of the study, checked per budget: does the pruned start beat random init, and by how much."""
+    headline, twin = (kind.name for kind in kinds.comparison())
+    header = (
+        f"| training tokens | cells | {headline} beats {twin} | median {twin} / {headline} perplexity | "
+        f"median {headline} - {twin} |"
+    )
+    lines = [
+        header,
+        "|---:|---:|---:|---:|---:|",
+    ]
+    budgets = sorted({r.budget for r in rows if r.gap is not None and r.budget})
+    for budget in budgets:
+        cells = [r for r in rows if r.budget == budget and r.gap is not None]
+        wins = sum(r.gap < 0 for r in cells)
+        ratios = sorted(r.score(twin) / r.score(headline) for r in cells if r.score(headline))
+        gaps = sorted(r.gap for r in cells)
+        lines.append(
+            f"| {budget:,} | {len(cells)} | {wins} of {len(cells)} | {_median(ratios):.1f}x | {_median(gaps):.2f} |"
+        )
+    return lines if budgets else []
+
+
+def _median(values: list[float]) -> float:
+    middle = len(values) // 2
+    return values[middle] if len(values) % 2 else (values[middle - 1] + values[middle]) / 2
+
+
+def budget_table(rows: list[RunRow]) -> list[str]:
+    """Method x ratio at one budget: every kind's score but the parent's (it heads the report), then the gap."""
+    headline, twin = (kind.name for kind in kinds.comparison())
+    columns = shown_kinds(rows)
+    # A setting-2 kind trained on the whole pipeline's tokens, not on this table's budget: its header says so.
+    header = [f"{kind} (setting 2)" if kinds.get(kind).setting == 2 else kind for kind in columns]
+    lines = [
+        f"| method | ratio (achieved) | params (non-embedding) | {' | '.join(header)} | {headline} - {twin} |",
+        "|---|---|---:|" + "---:|" * (len(columns) + 1),
+    ]
+    for r in sorted(rows, key=lambda r: (r.method, r.ratio)):
+        gap = _fmt(r.gap)
+        if r.gap is not None and r.gap > 0:
+            gap = f"**{gap} ({twin} wins)**"
+        achieved = f"{r.ratio} ({r.ratio_achieved:.3f})" if r.ratio_achieved is not None else str(r.ratio)
+        scores = [_fmt(r.score(kind)) for kind in columns]
+        if r.twin_shared_from:
+            scores[columns.index(twin)] += f" (twin of {r.twin_shared_from})"
+        lines.append(f"| {r.method} | {achieved} | {_params(r)} | {' | '.join(scores)} | {gap} |")
+    return lines
+
+
+def shown_kinds(rows: list[RunRow]) -> list[str]:
+    """Score columns: every kind but the parent (it heads the report), the kinds trained only when asked
+    (recovery kinds) only where some run measured them."""
+    return [
+        kind.name
+        for kind in kinds.all_kinds()
+        if kind.making is not kinds.Making.LOADED
+        and (not kind.trained or kind.default_run or any(r.score(kind.name) is not None for r in rows))
+    ]
+
+
+def recovery_lines(rows: list[RunRow]) -> list[str]:
+    """Every trained kind of each run side by side on one budget, against the random-init twin: what each
+    recovery (plain, distillation, LoRA; from the pruned weights or from random init) reaches."""
+    trained = [  # the same tokens: setting-2 kinds trained on more
+        k for k in kinds.all_kinds() if k.setting == 1 and any(r.score(k.name) is not None for r in rows)
+    ]
+    if not any(k.recovery for k in trained):
+        return []
+    twin = kinds.comparison()[1].name
+    lines = [
+        f"| run | tokens | kind | starts from | recovery | perplexity | minus {twin} |",
+        "|---|---:|---|---|---|---:|---:|",
+    ]
+    for r in sorted(rows, key=lambda r: (r.budget or 0, r.run)):
+        for kind in trained:
+            score, base = r.score(kind.name), r.score(twin)
+            if score is None:
+                continue
+            start = "pruned weights" if kind.making is kinds.Making.FROM_PRUNED else "random init"
+            diff = "-" if base is None or kind.name == twin else f"{score - base:.2f}"
+            budget = f"{r.budget:,}" if r.budget else "-"
+            lines.append(
+                f"| {r.run} | {budget} | {kind.name} | {start} | {kind.recovery or 'plain'} | {score:.2f} | {diff} |"
+            )
+    return lines
+
+
+def render_markdown(rows: list[RunRow], plots: list[str]) -> str:
+    metric = rows[0].metric
+    loaded = kinds.made(kinds.Making.LOADED)[0].name
+    parent = next((r.score(loaded) for r in rows if r.score(loaded) is not None), None)
+    out = [
+        "# hfprune report",
+        "",
+        (
+            f"Score: held-out perplexity on `{metric}`, lower is better; {describe_protocol(rows[0].protocol)}. "
+            f"Parent: {_fmt(parent)}. Parameters are the pruned model's total and, in brackets, non-embedding "
+            "count (for sparse models, the weights left after masking); the scratch twin has the same count. "
+            "A negative gap means the pruned initialisation beats random init trained on the same tokens."
+        ),
+    ]
+    if any(kinds.get(kind).setting == 2 for kind in shown_kinds(rows)):
+        out[-1] += (
+            " Columns marked (setting 2) trained on the whole pipeline's tokens (the parent's pretraining "
+            "tokens plus the budget); every other trained column on the budget alone (setting 1)."
+        )
+    finding = finding_lines(rows)
+    if finding:
+        out += ["", "## Pruned vs random init, per budget", "", *finding]
+    recovery = recovery_lines(rows)
+    if recovery:
+        out += ["", "## Recovery side by side (same tokens)", "", *recovery]
+    for budget in sorted({r.budget for r in rows}, key=lambda b: (b is None, b or 0)):
+        title = f"{budget:,} training tokens" if budget else "no training"
+        out += ["", f"## {title}", "", *budget_table([r for r in rows if r.budget == budget])]
+    out += ["", *[f"![{name}]({name})" for name in plots]]
+    return "\n".join(out) + "\n"
+
+
+def write_report(folder: Path) -> dict[str, Any]:
+    """Write report.md, report.json and the plots into `folder`; return the report data."""
+    runs = find_runs(folder)
+    if not runs:
+        raise FileNotFoundError(f"no hfprune run (metrics.json + recipe.yaml) under {folder}")
+    rows = [read_run(run) for run in runs]
+    plots = []
+    if plot_curves(rows, folder / "curves.png"):
+        plots.append("curves.png")
+    for x in ("ratio", "budget"):
+        if plot_gap(rows, x, folder / f"gap_vs_{x}.png"):
+            plots.append(f"gap_vs_{x}.png")
+    settings = {kind.name: kind.setting for kind in kinds.all_kinds() if kind.trained}
+    data = {
+        "metric": rows[0].metric,
+        "settings": settings,
+        "rows": [r.to_dict() for r in rows],
+        "plots": plots,
+    }
+    study = study_report(folder, runs)  # the paper's claims and Figure 1, when the cells are a study's
+    if study is not None:
+        data.update(plots=plots + study.plots, study=study.data)
+    (folder / "report.json").write_text(json.dumps(data, indent=2) + "\n")
+    (folder / "report.md").write_text(render_markdown(rows, plots) + (study.markdown if study else ""))
+    return data

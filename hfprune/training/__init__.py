@@ -1,0 +1,1 @@
+"""Training on a token budget: train_model, packing, schedules and budget branches, checkpoints, sharding, recovery, pretraining."""

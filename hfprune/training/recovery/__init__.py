@@ -1,0 +1,15 @@
+"""Recovery modes of the train stage beyond plain continued training.
+
+- `hfprune.training.recovery.specs`: the recipe pieces `DistillSpec` (`train.distill`) and `LoraSpec`
+  (`train.lora`); imports only pydantic.
+- `hfprune.training.recovery.distill`: `DistillationLoss`, logit distillation from the parent (imports trl).
+- `hfprune.training.recovery.lora`: `wrap_lora` and `merge_lora`, LoRA trained on the budget and merged into a
+  plain checkpoint that keeps sparse masks (imports peft).
+
+Only the specs are imported here, so validating a recipe loads neither trl nor peft.
+"""
+
+from hfprune.training.recovery.specs import LLAMA_LINEAR_PROJECTIONS, DistillSpec, LoraSpec
+
+
+__all__ = ["LLAMA_LINEAR_PROJECTIONS", "DistillSpec", "LoraSpec"]
