@@ -115,7 +115,8 @@ def prepare(folder: Path, windows: int, seq_len: int) -> None:
 
     from hfprune.data.texts import calibration_tokens
     from hfprune.hub import load_parent
-    from hfprune.recipe.schema import DatasetSpec, ParentSpec
+    from hfprune.recipe.base import DatasetSpec
+    from hfprune.recipe.schema import ParentSpec
 
     spec = ParentSpec(
         model=f"{CACHE}/smollm2-135m", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf", device="cpu"

@@ -37,7 +37,8 @@ from hfprune.eval.perplexity import evaluation_windows
 from hfprune.hub import load_parent
 from hfprune.models.structure import count_parameters
 from hfprune.pruners import get_pruner
-from hfprune.recipe.schema import DatasetSpec, ParentSpec
+from hfprune.recipe.base import DatasetSpec
+from hfprune.recipe.schema import ParentSpec
 
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -41,8 +41,8 @@ from gpu_train import train_check
 from results import PeakRSS, machine, replace_section
 from transformers import AutoConfig, LlamaConfig, LlamaForCausalLM
 
-from hfprune.plan.hardware import GIB, Hardware, detect_hardware
 from hfprune.plan.estimate import estimate
+from hfprune.plan.hardware import GIB, Hardware, detect_hardware
 from hfprune.pruners import get_pruner
 from hfprune.recipe.schema import load_recipe
 

@@ -21,8 +21,8 @@ from transformers import TrainerCallback, TrainingArguments
 
 from hfprune.models.structure import updated_config
 from hfprune.plan.estimate import DEVICE_RESERVE
-from hfprune.plan.train_eval import train_stage
 from hfprune.plan.terms import Shape
+from hfprune.plan.train_eval import train_stage
 from hfprune.trainer import PruneTrainer
 
 

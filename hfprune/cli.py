@@ -99,10 +99,11 @@ def print_warnings(path: Path, warnings: list[tuple[str, str]]) -> None:
 
 def validate_one(path: Path, parent: bool | None, files: bool) -> int:
     """Validate one recipe or sweep (schema, then `hfprune.checks.preflight`); print ok or its problems."""
-    from hfprune.errors import HfpruneError
-    from hfprune.sweep.grid import load_sweep
     from hfprune.checks.preflight import preflight, preflight_cells
-    from hfprune.recipe.schema import load_recipe, read_recipe_yaml
+    from hfprune.errors import HfpruneError
+    from hfprune.recipe.loading import read_recipe_yaml
+    from hfprune.recipe.schema import load_recipe
+    from hfprune.sweep.grid import load_sweep
 
     try:
         if "sweep" in read_recipe_yaml(path):
@@ -260,10 +261,10 @@ def sweep(
     recipe: str, overrides: tuple[str, ...], only: tuple[str, ...], force: bool, dry_run: bool, **machine: Any
 ) -> None:
     from hfprune import distributed
-    from hfprune.sweep.grid import load_sweep
     from hfprune.checks.preflight import preflight_cells
-    from hfprune.sweep.runner import run_sweep
     from hfprune.sweep.dry_run import describe_sweep, format_plan
+    from hfprune.sweep.grid import load_sweep
+    from hfprune.sweep.runner import run_sweep
 
     grid = load_sweep(recipe, overrides)
     hardware = plan_hardware(**machine)

@@ -29,9 +29,9 @@ from huggingface_hub.errors import (
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
 
 from hfprune import kinds
-from hfprune.models.config_cache import cached_config
+from hfprune.architectures import check_supported
 from hfprune.errors import RunFailure
-from hfprune.models.structure import check_supported
+from hfprune.models.config_cache import cached_config
 from hfprune.models.placement import place, resolve_device
 from hfprune.training.pretrain import planned_parent_config
 

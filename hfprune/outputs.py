@@ -28,22 +28,8 @@ from typing import Any
 
 from hfprune._faults import kill_point
 from hfprune.errors import RunFailure
-from hfprune.failures import OutputError, write_failure, writes_to
+from hfprune.failures import write_failure, writes_to
 
-
-__all__ = [
-    "OutputError",
-    "OutputInUse",
-    "StageLedger",
-    "atomic_dir",
-    "distributed_staging_dir",
-    "output_lock",
-    "read_json",
-    "remove_stale_temporaries",
-    "replace_dir",
-    "write_json",
-    "write_text",
-]
 
 logger = logging.getLogger(__name__)
 

@@ -26,7 +26,8 @@ import torch.distributed as dist
 from torch import nn
 from transformers import Trainer
 
-from hfprune.callbacks import SparsityMaskCallback, TokenBudgetCallback
+from hfprune.callbacks.sparsity_mask import SparsityMaskCallback
+from hfprune.callbacks.token_budget import TokenBudgetCallback
 from hfprune.masks.packed import KeepMask
 
 

@@ -30,9 +30,9 @@ from transformers import (
 
 import hfprune.trainer
 from hfprune.callbacks import SparsityMaskCallback, TokenBudgetCallback, budget_schedule
-from hfprune.callbacks.sparsity_mask import canonical_name
-from hfprune.training.packing import PackedTokenStream
+from hfprune.callbacks.param_names import canonical_name
 from hfprune.trainer import PruneTrainer
+from hfprune.training.packing import PackedTokenStream
 
 
 VOCAB, SEQ, BATCH, ACCUMULATION = 260, 16, 2, 2  # the byte tokenizer has 257 tokens

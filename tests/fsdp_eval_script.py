@@ -31,7 +31,7 @@ import hfprune.training.sharding
 from hfprune.callbacks import SparsityMaskCallback
 from hfprune.eval.perplexity import perplexity
 from hfprune.masks.storage import load_masks
-from hfprune.training.train import load_for_training, masks_for_training, trained_model_for_eval
+from hfprune.training.sharding import load_for_training, masks_for_training, trained_model_for_eval
 
 
 ARGS = {"fsdp": True, "fsdp_config": {"cpu_ram_efficient_loading": True}}

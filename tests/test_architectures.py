@@ -17,22 +17,21 @@ import torch
 from conftest import tiny_family_model
 from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config
 
-from hfprune.architectures import ARCHITECTURES, UnsupportedArchitectureError, architecture_of
+from hfprune.architectures import (
+    ARCHITECTURES,
+    UnsupportedArchitectureError,
+    architecture_of,
+    check_supported,
+)
 from hfprune.errors import RunFailure
 from hfprune.hub import load_parent_config
-from hfprune.models.structure import (
-    check_supported,
-    count_config_parameters,
-    count_parameters,
-    decoder_layers,
-    updated_config,
-)
-from hfprune.pruners import PRUNERS, Granularity, get_pruner
-from hfprune.pruners.base import ShapeError
+from hfprune.models.structure import count_config_parameters, count_parameters, decoder_layers, updated_config
+from hfprune.models.twin import make_scratch_twin
+from hfprune.pruners import PRUNERS, get_pruner
+from hfprune.pruners.base import Granularity, ShapeError
 from hfprune.pruners.shapes import ShapeSpace, build_shape, resolve_shape
 from hfprune.pruners.width import FlapScores
 from hfprune.recipe.schema import ParentSpec
-from hfprune.models.twin import make_scratch_twin
 
 
 FAMILIES = sorted(ARCHITECTURES)

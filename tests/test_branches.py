@@ -26,17 +26,16 @@ from test_fault_injection import comparable, run_killed
 from transformers import AutoTokenizer, TrainerCallback
 from transformers.optimization import get_wsd_schedule
 
+from hfprune.cli import main
 from hfprune.pipeline import runner as pipeline
-
+from hfprune.recipe.schema import load_recipe
+from hfprune.recipe.training import ScheduleSpec
+from hfprune.sweep.grid import load_sweep
+from hfprune.sweep.runner import run_sweep
 from hfprune.training import train as training
 from hfprune.training.branches import StableRun
 from hfprune.training.checkpoints import COMPLETE_MARKER
-from hfprune.cli import main
-from hfprune.sweep.grid import load_sweep
-from hfprune.recipe.schema import load_recipe
-from hfprune.recipe.training import ScheduleSpec
 from hfprune.training.schedules import BranchPlan, schedule_args
-from hfprune.sweep.runner import run_sweep
 
 
 STEP_TOKENS = 4 * 32

@@ -13,10 +13,10 @@ import pytest
 import torch
 from conftest import tiny_family_model, tiny_model
 
-from hfprune.pruners.calibration import LayerWalk, stream_forward, trace_decoder, walk_layers
 from hfprune.models.structure import decoder_layers
 from hfprune.pruners import get_pruner
 from hfprune.pruners._blocks import chunked_nll
+from hfprune.pruners.calibration import LayerWalk, stream_forward, trace_decoder, walk_layers
 
 
 def ids(samples: int, seq_len: int = 24, seed: int = 3) -> torch.Tensor:

@@ -13,7 +13,7 @@ from torch.utils.data import Dataset
 from transformers import LlamaForCausalLM, Trainer, TrainingArguments
 
 from hfprune.callbacks import SparsityMaskCallback
-from hfprune.callbacks.sparsity_mask import canonical_name
+from hfprune.callbacks.param_names import canonical_name
 
 
 VOCAB = 96
@@ -122,7 +122,8 @@ def test_warns_that_a_peft_merge_revives_masked_weights_and_says_how_to_keep_the
 
 
 def test_restricted_adapters_do_not_warn(caplog):
-    from hfprune.training.recovery.lora import LoraSpec, wrap_lora
+    from hfprune.training.recovery.lora import wrap_lora
+    from hfprune.training.recovery.specs import LoraSpec
 
     peft_model, masks = sparse_peft_llama()
     restricted = wrap_lora(peft_model.unload(), LoraSpec(rank=4), masks=masks)

@@ -11,10 +11,10 @@ import yaml
 from click.testing import CliRunner
 from huggingface_hub import ModelCard
 
-from hfprune.pipeline import runner as pipeline
-from hfprune.publish.provenance import dataset_reference, shareable_recipe
-from hfprune.publish.cards import CardError, render_card, write_cards
 from hfprune.cli import main
+from hfprune.pipeline import runner as pipeline
+from hfprune.publish.cards import CardError, render_card, write_cards
+from hfprune.publish.provenance import dataset_reference, shareable_recipe
 from hfprune.recipe.schema import load_recipe
 
 

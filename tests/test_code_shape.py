@@ -121,7 +121,9 @@ def test_the_top_of_the_package_holds_a_dozen_modules_at_most():
     assert len(top) <= TOP_LEVEL_MODULES, top
 
 
-@pytest.mark.parametrize("folder", sorted({p.parent for p in SOURCES}), ids=lambda p: str(p.relative_to(PACKAGE)))
+@pytest.mark.parametrize(
+    "folder", sorted({p.parent for p in SOURCES}), ids=lambda p: str(p.relative_to(PACKAGE))
+)
 def test_no_folder_holds_a_prefix_family(folder):
     stems = [p.stem for p in folder.glob("*.py") if not p.stem.startswith("__")]
     prefixes = Counter(stem.lstrip("_").split("_")[0] for stem in stems if "_" in stem.lstrip("_"))
@@ -143,7 +145,11 @@ def test_every_from_import_names_the_module_that_defines_the_name():
     shims = []
     for name, path in MODULES.items():
         for node in ast.walk(ast.parse(path.read_text())):
-            if not isinstance(node, ast.ImportFrom) or node.module not in defined or node.module in PACKAGE_API:
+            if (
+                not isinstance(node, ast.ImportFrom)
+                or node.module not in defined
+                or node.module in PACKAGE_API
+            ):
                 continue
             for alias in node.names:
                 if f"{node.module}.{alias.name}" in MODULES or alias.name in defined[node.module]:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from hfprune.checks.heldout import held_out_split
 from hfprune.data.corpora import is_held_out, stdlib_files
 from hfprune.data.texts import DatasetError, iter_texts
-from hfprune.checks.heldout import held_out_split
 from hfprune.recipe.base import DatasetSpec
 
 

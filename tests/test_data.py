@@ -7,7 +7,7 @@ import json
 import pytest
 
 from hfprune.data.texts import DatasetError, calibration_tokens, iter_texts, windows
-from hfprune.recipe.schema import DatasetSpec
+from hfprune.recipe.base import DatasetSpec
 
 
 def test_builtin_pydoc_splits_are_disjoint_and_complete():

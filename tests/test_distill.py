@@ -10,6 +10,7 @@ from pydantic import ValidationError
 from torch.utils.data import Dataset
 from transformers import LlamaForCausalLM, TrainerCallback, TrainingArguments
 
+from hfprune.trainer import PruneTrainer
 from hfprune.training.recovery.distill import (
     DistillationLoss,
     DistillationSetupError,
@@ -18,7 +19,6 @@ from hfprune.training.recovery.distill import (
     next_token_labels,
 )
 from hfprune.training.recovery.specs import DistillSpec
-from hfprune.trainer import PruneTrainer
 
 
 VOCAB = 96

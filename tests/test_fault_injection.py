@@ -24,9 +24,9 @@ import torch
 from conftest import tiny_recipe_yaml
 from safetensors.torch import load_file
 
-from hfprune.pipeline import runner as pipeline
 from hfprune._faults import ENV
 from hfprune.outputs import _TEMPORARY, LOCK_FILE
+from hfprune.pipeline import runner as pipeline
 from hfprune.recipe.schema import load_recipe
 
 

@@ -7,9 +7,10 @@ from typing import Any
 
 import pytest
 
-from hfprune.sweep.grid import load_sweep
 from hfprune.checks.heldout import held_out_split, overlap_problems
-from hfprune.recipe.schema import Recipe, load_recipe, read_recipe_yaml, validate_recipe
+from hfprune.recipe.loading import read_recipe_yaml
+from hfprune.recipe.schema import Recipe, load_recipe, validate_recipe
+from hfprune.sweep.grid import load_sweep
 
 
 RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))

@@ -11,12 +11,12 @@ import yaml
 from huggingface_hub import ModelCard
 
 from hfprune import kinds
-
-from hfprune.pipeline import runner as pipeline
-from hfprune.publish.cards import render_card
 from hfprune.cli import format_metrics_table
 from hfprune.hub import published_kinds, repo_id_for
-from hfprune.recipe.schema import RecipeError, load_recipe
+from hfprune.pipeline import runner as pipeline
+from hfprune.publish.cards import render_card
+from hfprune.recipe.loading import RecipeError
+from hfprune.recipe.schema import load_recipe
 from hfprune.report.runs import write_report
 
 

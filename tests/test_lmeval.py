@@ -12,7 +12,6 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from hfprune.pipeline import runner as pipeline
 from hfprune.eval.lmeval import (
     AVERAGE_DEFINITION,
     PAPER_SUITE,
@@ -24,7 +23,10 @@ from hfprune.eval.lmeval import (
     resolve_tasks,
     task_manager,
 )
-from hfprune.recipe.schema import EvalSpec, RecipeError, load_recipe
+from hfprune.pipeline import runner as pipeline
+from hfprune.recipe.evaluation import EvalSpec
+from hfprune.recipe.loading import RecipeError
+from hfprune.recipe.schema import load_recipe
 
 
 def keys(entries) -> dict[str, str]:

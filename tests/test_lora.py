@@ -14,8 +14,9 @@ from torch.utils.data import Dataset
 from transformers import LlamaForCausalLM, TrainerCallback, TrainingArguments
 
 from hfprune.callbacks import SparsityMaskCallback
-from hfprune.training.recovery.lora import LoraSpec, LoraTargetError, MaskedLora, _MaskedLowRank, merge_lora, wrap_lora
 from hfprune.trainer import PruneTrainer
+from hfprune.training.recovery.lora import LoraTargetError, MaskedLora, _MaskedLowRank, merge_lora, wrap_lora
+from hfprune.training.recovery.specs import LoraSpec
 
 
 VOCAB = 96

@@ -10,18 +10,14 @@ import torch
 from conftest import tiny_model
 from safetensors.torch import save_file
 
+from hfprune.masks.packed import PackedMask, int8_keep_bits, pack_bits, shard_rows, unpack_bits
 from hfprune.masks.storage import (
-    PackedMask,
-    int8_keep_bits,
     load_masks,
     load_packed_masks,
     mask_pattern,
     masks_from_zeros,
-    pack_bits,
     save_masks,
-    shard_rows,
     sparsity_report,
-    unpack_bits,
 )
 
 

@@ -29,7 +29,11 @@ from hfprune.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
-PUBLIC = {"load_recipe": "hfprune.recipe.schema", "run": "hfprune.pipeline.runner", "get_pruner": "hfprune.pruners"}
+PUBLIC = {
+    "load_recipe": "hfprune.recipe.schema",
+    "run": "hfprune.pipeline.runner",
+    "get_pruner": "hfprune.pruners",
+}
 PUBLIC |= {"PRUNERS": "hfprune.pruners"}
 # Declared but not imported by hfprune/, and why.
 NOT_IMPORTED = {
@@ -173,7 +177,11 @@ def test_an_installed_wheel_lists_validates_and_renders_cards_from_anywhere(tmp_
     work.mkdir()
     hfprune_bin = str(bin_dir / "hfprune")
     located = subprocess.run(
-        [str(bin_dir / "python"), "-c", "import hfprune.publish.cards as c; print(c.template_path('pruned'))"],
+        [
+            str(bin_dir / "python"),
+            "-c",
+            "import hfprune.publish.cards as c; print(c.template_path('pruned'))",
+        ],
         cwd=work,
         capture_output=True,
         text=True,

@@ -12,12 +12,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from hfprune.pipeline import runner as pipeline
 from hfprune.hub import load_parent
-from hfprune.masks.storage import load_masks, masks_from_zeros, save_masks
 from hfprune.masks.parent import ParentMasksError
-from hfprune.recipe.schema import ParentSpec, load_recipe
+from hfprune.masks.storage import load_masks, masks_from_zeros, save_masks
+from hfprune.pipeline import runner as pipeline
 from hfprune.pipeline.stages.base import make_pruner
+from hfprune.recipe.schema import ParentSpec, load_recipe
 
 
 SPARSITY = 0.4

@@ -12,12 +12,11 @@ import pytest
 import yaml
 from conftest import tiny_config
 
-from hfprune.pipeline import runner as pipeline
-
-from hfprune.pipeline import providers
+from hfprune.architectures import UnsupportedArchitectureError
+from hfprune.failures import OutputError
 from hfprune.hub import ParentLoadError
-from hfprune.models.structure import UnsupportedArchitectureError
-from hfprune.outputs import OutputError
+from hfprune.pipeline import providers
+from hfprune.pipeline import runner as pipeline
 from hfprune.recipe.schema import load_recipe
 
 

@@ -11,8 +11,8 @@ import torch
 from conftest import tiny_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from hfprune.models import placement
 from hfprune.errors import InvalidInput
+from hfprune.models import placement
 from hfprune.models.placement import (
     DeviceError,
     PlacementError,
@@ -26,7 +26,8 @@ from hfprune.models.placement import (
     weight_bytes,
 )
 from hfprune.pruners import get_pruner
-from hfprune.recipe.schema import RecipeError, validate_recipe
+from hfprune.recipe.loading import RecipeError
+from hfprune.recipe.schema import validate_recipe
 
 
 CPU = torch.device("cpu")  # the device offloaded layers are brought to; a different object from HOST

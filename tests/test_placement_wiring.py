@@ -12,10 +12,8 @@ import torch
 import transformers
 
 from hfprune import distributed
-
-from hfprune.pipeline import runner as pipeline
-
 from hfprune.models import placement
+from hfprune.pipeline import runner as pipeline
 from hfprune.recipe.schema import load_recipe
 
 
@@ -75,8 +73,8 @@ def test_under_torchrun_pruning_and_evaluation_run_on_the_main_process_only(writ
 def test_a_sweep_prunes_its_shared_parent_in_place_and_reloads_it_for_the_next_cell(
     write_recipe, monkeypatch
 ):
-    from hfprune.pipeline import providers
     from hfprune.hub import Parent
+    from hfprune.pipeline import providers
     from hfprune.sweep.runner import SharedParent
 
     loads: list[object] = []

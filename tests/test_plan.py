@@ -25,8 +25,8 @@ import torch
 from transformers import AutoConfig, LlamaConfig
 
 from hfprune.errors import InvalidInput
-from hfprune.plan.hardware import GIB, Hardware
 from hfprune.plan.estimate import PlanError, estimate, format_plan, plan_recipe, problems, require_fits
+from hfprune.plan.hardware import GIB, Hardware
 from hfprune.recipe.schema import load_recipe
 
 

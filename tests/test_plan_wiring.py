@@ -14,11 +14,10 @@ from click.testing import CliRunner
 from conftest import tiny_recipe_yaml
 
 from hfprune import hub
-
-from hfprune.models import config_cache
 from hfprune.cli import main
-from hfprune.plan.hardware import GIB, Hardware, parse_size, stated_hardware
+from hfprune.models import config_cache
 from hfprune.plan.estimate import DEVICE_RESERVE, plan_recipe
+from hfprune.plan.hardware import GIB, Hardware, parse_size, stated_hardware
 from hfprune.recipe.schema import load_recipe
 
 

@@ -12,9 +12,10 @@ from conftest import tiny_recipe_yaml
 from transformers import GPT2Config
 
 from hfprune import distributed, hub
-from hfprune.cli import main
 from hfprune.checks.preflight import output_problem, preflight
-from hfprune.recipe.schema import RecipeError, load_recipe
+from hfprune.cli import main
+from hfprune.recipe.loading import RecipeError
+from hfprune.recipe.schema import load_recipe
 
 
 def invoke(*args: str):

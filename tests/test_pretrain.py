@@ -21,20 +21,21 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from hfprune.pipeline import runner as pipeline
 from hfprune._faults import ENV
+from hfprune.checks.preflight import preflight
 from hfprune.cli import main
 from hfprune.data.texts import iter_texts
-from hfprune.sweep.grid import load_sweep
 from hfprune.hub import load_parent_config
-from hfprune.outputs import _TEMPORARY
-from hfprune.checks.preflight import preflight
-from hfprune.training.pretrain import initial_parent, planned_parent_config, pretrain_fingerprint, work_root
-from hfprune.recipe.schema import RecipeError, load_recipe
-from hfprune.recipe.base import default_dataset
-from hfprune.seeds import Role, role_seed
-from hfprune.training.tokenizer import TokenizerError, corpus_head, train_bpe
 from hfprune.models.twin import scratch_twin_from_folder
+from hfprune.outputs import _TEMPORARY
+from hfprune.pipeline import runner as pipeline
+from hfprune.recipe.base import default_dataset
+from hfprune.recipe.loading import RecipeError
+from hfprune.recipe.schema import load_recipe
+from hfprune.seeds import Role, role_seed
+from hfprune.sweep.grid import load_sweep
+from hfprune.training.pretrain import initial_parent, planned_parent_config, pretrain_fingerprint, work_root
+from hfprune.training.tokenizer import TokenizerError, corpus_head, train_bpe
 
 
 VOCAB = 320

@@ -11,7 +11,8 @@ from conftest import tiny_model
 from transformers import AutoModelForCausalLM
 
 from hfprune.models.structure import count_parameters
-from hfprune.pruners import PRUNERS, Granularity, get_pruner
+from hfprune.pruners import PRUNERS, get_pruner
+from hfprune.pruners.base import Granularity
 
 
 # Options that suit the tiny test parent (e.g. alignments far below the 64 used for real models).

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from hfprune.recipe.schema import Recipe, RecipeError, load_recipe
+from hfprune.recipe.loading import RecipeError
+from hfprune.recipe.schema import Recipe, load_recipe
 
 
 MINIMAL = "name: r\nparent: {model: some/model}\nprune: {method: shortgpt, ratio: 0.5}\n"

@@ -12,13 +12,12 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, TrainerCallback
 
 from hfprune import kinds
-
+from hfprune.masks.storage import load_masks
 from hfprune.pipeline import runner as pipeline
-
+from hfprune.recipe.loading import RecipeError
+from hfprune.recipe.schema import load_recipe
 from hfprune.training import train as training
 from hfprune.training.checkpoints import COMPLETE_MARKER
-from hfprune.masks.storage import load_masks
-from hfprune.recipe.schema import RecipeError, load_recipe
 
 
 TRAIN = """

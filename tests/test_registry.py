@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from hfprune.pruners import PRUNERS, Granularity, UnknownPrunerError, get_pruner, register_pruner
+from hfprune.pruners import PRUNERS, UnknownPrunerError, get_pruner, register_pruner
+from hfprune.pruners.base import Granularity
 from hfprune.pruners.depth import ShortGPTPruner
 
 

@@ -23,12 +23,10 @@ from click.testing import CliRunner
 from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM
 
-from hfprune.pipeline import runner as pipeline
 from hfprune.cli import main
-from hfprune.failures import OutOfMemory, translate_oom, write_failure
+from hfprune.failures import OutOfMemory, OutputError, translate_oom, write_failure
 from hfprune.outputs import (
     LOCK_FILE,
-    OutputError,
     OutputInUse,
     atomic_dir,
     distributed_staging_dir,
@@ -37,6 +35,7 @@ from hfprune.outputs import (
     remove_stale_temporaries,
     write_json,
 )
+from hfprune.pipeline import runner as pipeline
 from hfprune.recipe.schema import load_recipe
 
 

@@ -14,8 +14,8 @@ import pytest
 import torch
 import yaml
 
-from hfprune.report.runs import write_report
 from hfprune.report.findings import MIXED, NOT_TESTABLE, REFUTED, SUPPORTED
+from hfprune.report.runs import write_report
 
 
 WINDOWS = 40

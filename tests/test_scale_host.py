@@ -25,15 +25,16 @@ from transformers import AutoModelForCausalLM, LlamaForCausalLM, TrainingArgumen
 
 import hfprune.training.sharding
 from hfprune.callbacks import SparsityMaskCallback
-from hfprune.masks.storage import PackedMask, load_packed_masks, save_masks
+from hfprune.masks.packed import PackedMask
+from hfprune.masks.storage import load_packed_masks, save_masks
+from hfprune.models.twin import scratch_twin_from_folder
 from hfprune.trainer import PruneTrainer
-from hfprune.training.train import (
+from hfprune.training.sharding import (
     load_for_training,
     masks_for_training,
     trained_model_for_eval,
     twin_for_training,
 )
-from hfprune.models.twin import scratch_twin_from_folder
 
 
 SCRIPT = Path(__file__).with_name("fsdp_eval_script.py")
@@ -107,7 +108,9 @@ def test_ram_efficient_loading_from_args_a_json_file_and_training_arguments(tmp_
         {"fsdp": True, "fsdp_config": {"cpu_ram_efficient_loading": "false"}}
     )
     assert not hfprune.training.sharding.ram_efficient_loading({"fsdp": True})
-    assert not hfprune.training.sharding.ram_efficient_loading({"fsdp_config": {"cpu_ram_efficient_loading": True}})
+    assert not hfprune.training.sharding.ram_efficient_loading(
+        {"fsdp_config": {"cpu_ram_efficient_loading": True}}
+    )
     config = tmp_path / "fsdp.json"
     config.write_text(json.dumps({"fsdp_cpu_ram_efficient_loading": True}))
     assert hfprune.training.sharding.ram_efficient_loading({"fsdp": True, "fsdp_config": str(config)})
@@ -134,7 +137,9 @@ def test_which_processes_read_the_weights(monkeypatch, rank, world, accelerator,
     as_process(monkeypatch, rank, world, accelerator)
     assert hfprune.training.sharding.sharded_training(EFFICIENT) is sharded
     assert hfprune.training.sharding.materialises_weights(EFFICIENT) is materialises
-    assert hfprune.training.sharding.materialises_weights({"fsdp": True}) is True  # without the option: all do
+    assert (
+        hfprune.training.sharding.materialises_weights({"fsdp": True}) is True
+    )  # without the option: all do
 
 
 # ---- Loading the model and the twin ----
@@ -297,7 +302,11 @@ def test_a_sharded_model_is_gathered_into_a_whole_copy(one_process_group, tie):
         is_deepspeed_enabled=False,
     )
     copy = trained_model_for_eval(trainer)
-    assert type(copy) is LlamaForCausalLM and not hfprune.training.sharding.is_sharded(copy) and not copy.training
+    assert (
+        type(copy) is LlamaForCausalLM
+        and not hfprune.training.sharding.is_sharded(copy)
+        and not copy.training
+    )
     assert copy.state_dict().keys() == expected.keys()
     assert all(torch.equal(copy.state_dict()[name], value) for name, value in expected.items())
     assert (copy.lm_head.weight is copy.model.embed_tokens.weight) is tie

@@ -14,13 +14,13 @@ from conftest import tiny_config, tiny_recipe_yaml
 from safetensors.torch import load_file
 from transformers import LlamaForCausalLM
 
-from hfprune.pipeline import runner as pipeline
 from hfprune.masks.storage import load_masks
+from hfprune.models.twin import scratch_twin_from_folder
+from hfprune.pipeline import runner as pipeline
+from hfprune.pipeline.stages import train as train_stage
+from hfprune.pipeline.workspace import Workspace
 from hfprune.recipe.schema import load_recipe
 from hfprune.seeds import Role, role_seed
-from hfprune.pipeline.stages import train as train_stage
-from hfprune.models.twin import scratch_twin_from_folder
-from hfprune.pipeline.workspace import Workspace
 
 
 # The streams as published: a change here changes every twin (and adapter) a recipe makes.

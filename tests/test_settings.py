@@ -13,12 +13,13 @@ import yaml
 from click.testing import CliRunner
 from conftest import tiny_recipe_yaml
 
-from hfprune.pipeline import runner as pipeline
 from hfprune.cli import main
-from hfprune.sweep.grid import load_sweep
-from hfprune.recipe.schema import RecipeError, load_recipe
+from hfprune.pipeline import runner as pipeline
+from hfprune.recipe.loading import RecipeError
+from hfprune.recipe.schema import load_recipe
 from hfprune.report.runs import write_report
 from hfprune.seeds import Role, role_seed
+from hfprune.sweep.grid import load_sweep
 from hfprune.sweep.runner import run_sweep
 
 

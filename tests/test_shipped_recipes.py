@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from hfprune.recipe.loading import read_recipe_yaml
+from hfprune.recipe.schema import load_recipe
 from hfprune.sweep.grid import load_sweep
-from hfprune.recipe.schema import load_recipe, read_recipe_yaml
 
 
 RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))

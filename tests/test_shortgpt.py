@@ -8,8 +8,8 @@ import torch
 from conftest import tiny_model
 from transformers import DynamicCache
 
-from hfprune.pruners.calibration import walk_layers
 from hfprune.pruners import get_pruner
+from hfprune.pruners.calibration import walk_layers
 from hfprune.pruners.depth import plan_layer_removal
 
 

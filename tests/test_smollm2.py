@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from hfprune.pipeline import runner as pipeline
 from hfprune.data.assets import fetch_all
+from hfprune.pipeline import runner as pipeline
 from hfprune.recipe.schema import load_recipe
 
 

@@ -26,7 +26,8 @@ from hfprune.pruners._sparse_math import (
     pruned_count,
     sparsegpt_prune,
 )
-from hfprune.recipe.schema import RecipeError, load_recipe, validate_recipe
+from hfprune.recipe.loading import RecipeError
+from hfprune.recipe.schema import load_recipe, validate_recipe
 
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"

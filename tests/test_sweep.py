@@ -12,13 +12,14 @@ import torch
 from click.testing import CliRunner
 from conftest import VOCAB_SIZE, tiny_model, tiny_recipe_yaml
 
-from hfprune.pipeline import providers
 from hfprune.cli import main
-from hfprune.sweep.grid import SweepError, load_sweep
+from hfprune.pipeline import providers
 from hfprune.pruners import get_pruner
-from hfprune.recipe.schema import RecipeError, load_recipe
-from hfprune.sweep.runner import run_sweep
+from hfprune.recipe.loading import RecipeError
+from hfprune.recipe.schema import load_recipe
 from hfprune.sweep.dry_run import describe_sweep
+from hfprune.sweep.grid import SweepError, load_sweep
+from hfprune.sweep.runner import run_sweep
 
 
 TRAIN = """

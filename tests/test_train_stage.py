@@ -9,10 +9,9 @@ import torch
 from transformers import AutoModelForCausalLM, TrainerCallback
 
 from hfprune.pipeline import runner as pipeline
-
+from hfprune.recipe.schema import load_recipe
 from hfprune.training import train as training
 from hfprune.training.checkpoints import COMPLETE_MARKER
-from hfprune.recipe.schema import load_recipe
 from hfprune.training.train import TrainingSetupError
 
 

@@ -8,7 +8,8 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
 import hfprune.models.twin
-from hfprune.masks.storage import PackedMask, load_packed_masks, save_masks
+from hfprune.masks.packed import PackedMask
+from hfprune.masks.storage import load_packed_masks, save_masks
 from hfprune.models.twin import make_scratch_twin, scratch_twin_from_folder
 
 

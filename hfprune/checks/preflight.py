@@ -32,7 +32,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hfprune.plan.check import Checked, after_checks, in_cells
-from hfprune.recipe.schema import DatasetSpec, Recipe, RecipeError
+from hfprune.recipe.base import DatasetSpec
+from hfprune.recipe.loading import RecipeError
+from hfprune.recipe.schema import Recipe
 
 
 if TYPE_CHECKING:
@@ -118,8 +120,8 @@ def _check(
 
 def _parent_config(recipe: Recipe, problems: list[Problem], *, pending: bool) -> Any:
     """The parent's config, or None with the reason added to `problems` when it cannot be checked."""
+    from hfprune.architectures import UnsupportedArchitectureError, check_supported
     from hfprune.hub import ParentLoadError, load_parent_config
-    from hfprune.models.structure import UnsupportedArchitectureError, check_supported
 
     try:
         config = load_parent_config(recipe.parent)

@@ -36,8 +36,6 @@ from hfprune.masks.storage import load_masks, masks_from_zeros
 from hfprune.pruners.base import Granularity, PruneResult
 
 
-__all__ = ["MASKS_FILE", "ParentMasksError", "carry_parent_masks", "find_parent_masks", "load_parent_masks"]
-
 logger = logging.getLogger(__name__)
 
 MASKS_FILE = "sparsity_masks.safetensors"

@@ -32,31 +32,13 @@ from torch import nn
 
 from hfprune.architectures import architecture_of
 from hfprune.masks.packed import (
-    KeepMask,
     PackedMask,
-    int8_keep_bits,
     numel,
     pack_bits,
     row_count,
     shard_rows,
-    unpack_bits,
 )
 
-
-__all__ = [
-    "KeepMask",
-    "PackedMask",
-    "int8_keep_bits",
-    "load_masks",
-    "load_packed_masks",
-    "mask_pattern",
-    "masks_from_zeros",
-    "pack_bits",
-    "save_masks",
-    "shard_rows",
-    "sparsity_report",
-    "unpack_bits",
-]
 
 FORMAT = "hfprune.sparsity_masks"
 VERSION = "1"

@@ -25,9 +25,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from hfprune.recipe.device import CUDA_SPEC, device_spec_problem
 from hfprune.errors import InvalidInput, RunFailure
 from hfprune.models.structure import decoder_layers
+from hfprune.recipe.device import CUDA_SPEC, device_spec_problem
 
 
 logger = logging.getLogger(__name__)

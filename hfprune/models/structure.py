@@ -14,27 +14,9 @@ from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
 from hfprune.architectures import (
-    ParamCount,
-    UnsupportedArchitectureError,
     architecture_of,
-    check_supported,
-    known_model_types,
 )
-
-
-__all__ = [
-    "ParamCount",
-    "UnsupportedArchitectureError",
-    "check_supported",
-    "count_config_parameters",
-    "count_parameters",
-    "decoder_layers",
-    "known_model_types",
-    "layer_parameters",
-    "module_device",
-    "shape_of",
-    "updated_config",
-]
+from hfprune.architectures.base import ParamCount
 
 
 def decoder_layers(model: PreTrainedModel) -> nn.ModuleList:

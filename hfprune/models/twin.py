@@ -27,7 +27,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from hfprune.architectures import architecture_of
-from hfprune.callbacks.sparsity_mask import canonical_name
+from hfprune.callbacks.param_names import canonical_name
 from hfprune.masks.packed import KeepMask, PackedMask
 
 

@@ -26,13 +26,13 @@ from transformers import PreTrainedModel
 from hfprune.data.texts import calibration_tokens
 from hfprune.failures import translate_oom
 from hfprune.hub import Parent, load_parent
-from hfprune.pruners import Pruner
+from hfprune.pruners.base import Pruner
 from hfprune.recipe.schema import Recipe
 from hfprune.training.schedules import sharing_budgets
 
 
 if TYPE_CHECKING:
-    from hfprune.pipeline.stages import Context
+    from hfprune.pipeline.stages.base import Context
     from hfprune.pipeline.workspace import Workspace
 
 

@@ -28,15 +28,12 @@ from hfprune.failures import translate_oom
 from hfprune.hub import PushResult, load_parent_config
 from hfprune.kinds import Making, ModelKind
 from hfprune.models.structure import count_config_parameters
-from hfprune.plan.check import plan_summary
 from hfprune.pipeline.providers import Providers
-from hfprune.recipe.schema import Recipe
 from hfprune.pipeline.stages import evaluate, pretrain, prune, train
 from hfprune.pipeline.stages.base import (
     Context,
     Stage,
     after,
-    make_pruner,
     metrics_file,
     pruned_model,
     sections,
@@ -47,20 +44,9 @@ from hfprune.pipeline.stages.base import (
 )
 from hfprune.pipeline.stages.publish import card, push
 from hfprune.pipeline.workspace import Workspace
+from hfprune.plan.check import plan_summary
+from hfprune.recipe.schema import Recipe
 
-
-__all__ = [
-    "Pipeline",
-    "RunSummary",
-    "StageOutcome",
-    "context_for",
-    "describe_plan",
-    "make_pruner",
-    "publish",
-    "render_cards",
-    "run",
-    "stage_table",
-]
 
 logger = logging.getLogger(__name__)
 

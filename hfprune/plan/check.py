@@ -15,8 +15,8 @@ from collections.abc import Collection
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from hfprune.plan.hardware import GIB, Hardware
 from hfprune.plan.estimate import Plan, PlanError, format_table, plan_recipe, problems
+from hfprune.plan.hardware import GIB, Hardware
 
 
 Problem = tuple[str, str]

@@ -22,8 +22,8 @@ from transformers import PretrainedConfig
 from hfprune.errors import InvalidInput
 from hfprune.plan.hardware import GIB, Hardware, detect_hardware
 from hfprune.plan.prune_stage import prune_stage
+from hfprune.plan.terms import DTYPE_BYTES, HOST_BASELINE, Shape, StageEstimate
 from hfprune.plan.train_eval import eval_stage, train_stage
-from hfprune.plan.terms import DTYPE_BYTES, HOST_BASELINE, Shape, StageEstimate, Term
 
 
 MFU = 0.40  # model FLOP utilisation assumed on an accelerator, of its dense peak for the compute dtype
@@ -251,21 +251,3 @@ def _duration(seconds: float) -> str:
         if seconds >= size:
             return f"{seconds / size:.1f} {unit}"
     return f"{seconds:.0f} s"
-
-
-__all__ = [
-    "CPU_EFFICIENCY",
-    "DEVICE_RESERVE",
-    "MFU",
-    "Plan",
-    "PlanError",
-    "Shape",
-    "StageEstimate",
-    "Term",
-    "estimate",
-    "format_plan",
-    "format_table",
-    "plan_recipe",
-    "problems",
-    "require_fits",
-]

@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 from transformers import PreTrainedModel
 
-from hfprune.pruners.calibration import stream_forward
 from hfprune.models.structure import decoder_layers
+from hfprune.pruners.calibration import stream_forward
 
 
 # Tokens per reduction step: a whole 8192-token window of 14336 FFN activations in float64 is ~1 GiB.

@@ -17,8 +17,8 @@ import torch
 from transformers import PreTrainedModel
 
 from hfprune.architectures import architecture_of
-from hfprune.pruners.calibration import batches, evaluating, run_layer, trace_decoder
 from hfprune.models.structure import decoder_layers
+from hfprune.pruners.calibration import batches, evaluating, run_layer, trace_decoder
 
 
 # Logits computed at once (tokens x vocabulary slice): 2^26 fp32 values are 256 MiB.

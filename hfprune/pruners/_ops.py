@@ -14,7 +14,8 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from hfprune.architectures import ArchitectureSpec, architecture_of
+from hfprune.architectures import architecture_of
+from hfprune.architectures.base import ArchitectureSpec
 
 
 def drop_layers(model: PreTrainedModel, keep: Sequence[int]) -> PreTrainedModel:

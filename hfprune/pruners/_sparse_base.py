@@ -26,12 +26,13 @@ import torch
 from pydantic import Field
 from transformers import PretrainedConfig, PreTrainedModel
 
-from hfprune.architectures import ParamCount, architecture_of
-from hfprune.pruners.calibration import LayerStep, LayerWalk, stream_forward
+from hfprune.architectures import architecture_of
+from hfprune.architectures.base import ParamCount
 from hfprune.models.structure import count_config_parameters, decoder_layers
 from hfprune.pruners._sparse_math import HessianError, Pattern
 from hfprune.pruners._sparse_report import param_names, sparse_result, stats_to_cpu, timed
 from hfprune.pruners.base import Granularity, Pruner, PruneResult, PrunerOptions, ShapeError, TargetShape
+from hfprune.pruners.calibration import LayerStep, LayerWalk, stream_forward
 
 
 # One statistic per group of linears that read the same input (the spec's `linear_groups`).

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import torch
 from transformers import PreTrainedModel
 
-from hfprune.architectures import ParamCount
+from hfprune.architectures.base import ParamCount
 from hfprune.masks.storage import sparsity_report
 from hfprune.models.structure import count_config_parameters
 from hfprune.pruners._sparse_math import Pattern

@@ -18,8 +18,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 from transformers import PretrainedConfig, PreTrainedModel
 
+from hfprune.architectures.base import ParamCount
 from hfprune.errors import RunFailure
-from hfprune.models.structure import ParamCount
 
 
 class Granularity(StrEnum):

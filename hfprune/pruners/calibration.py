@@ -29,9 +29,9 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from hfprune.pruners.activation_store import ActivationStore
-from hfprune.models.structure import decoder_layers
 from hfprune.models.placement import onloaded
+from hfprune.models.structure import decoder_layers
+from hfprune.pruners.activation_store import ActivationStore
 
 
 logger = logging.getLogger(__name__)

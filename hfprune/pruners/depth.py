@@ -17,12 +17,12 @@ import torch
 from pydantic import Field
 from transformers import PretrainedConfig, PreTrainedModel
 
-from hfprune.pruners.calibration import execution_device, layer_input, layer_output, stream_forward
 from hfprune.models.structure import count_config_parameters, decoder_layers, updated_config
 from hfprune.pruners import register_pruner
 from hfprune.pruners._blocks import block_nlls
 from hfprune.pruners._ops import drop_layers
 from hfprune.pruners.base import Granularity, Pruner, PruneResult, PrunerOptions, TargetShape
+from hfprune.pruners.calibration import execution_device, layer_input, layer_output, stream_forward
 from hfprune.pruners.shapes import RATIO_TOLERANCE, require_within
 
 

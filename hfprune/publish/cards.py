@@ -20,7 +20,11 @@ from typing import Any
 from huggingface_hub import ModelCard, ModelCardData
 
 from hfprune import kinds
-from hfprune.callbacks import PAPER_TRAINING_DEFAULTS
+from hfprune.callbacks.token_budget import PAPER_TRAINING_DEFAULTS
+from hfprune.errors import RunFailure
+from hfprune.hub import published_kinds, repo_id_for
+from hfprune.outputs import write_text
+from hfprune.pipeline.workspace import Workspace
 from hfprune.publish.provenance import (
     HUB_URL,
     dataset_reference,
@@ -30,12 +34,8 @@ from hfprune.publish.provenance import (
     shareable_recipe,
 )
 from hfprune.publish.results import eval_results, is_hub_dataset, results_context
-from hfprune.errors import RunFailure
-from hfprune.hub import published_kinds, repo_id_for
-from hfprune.outputs import write_text
 from hfprune.recipe.schema import Recipe
 from hfprune.seeds import Role, role_seed
-from hfprune.pipeline.workspace import Workspace
 
 
 RECIPE_FILE = "recipe.yaml"

@@ -21,15 +21,15 @@ import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from hfprune import kinds
-from hfprune.recipe.device import device_spec_problem
 from hfprune.pruners import PRUNERS, UnknownPrunerError, get_pruner
+from hfprune.recipe.base import DatasetSpec, Strict, default_dataset
+from hfprune.recipe.device import device_spec_problem
 from hfprune.recipe.evaluation import EvalSpec
 from hfprune.recipe.loading import RecipeError, read_recipe_yaml, validation_problems
 from hfprune.recipe.loading import apply_overrides as _apply_overrides
-from hfprune.recipe.training import DERIVED_TRAINING_ARGS, PretrainSpec, ScheduleSpec, TokenTraining  # noqa: F401 (re-exported)
-from hfprune.training.recovery.specs import DistillSpec, LoraSpec
-from hfprune.recipe.base import DatasetSpec, Strict, default_dataset
 from hfprune.recipe.train_args import training_args_problems
+from hfprune.recipe.training import PretrainSpec, ScheduleSpec, TokenTraining
+from hfprune.training.recovery.specs import DistillSpec, LoraSpec
 
 
 class ParentSpec(Strict):

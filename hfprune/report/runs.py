@@ -23,9 +23,9 @@ from typing import Any
 import yaml
 
 from hfprune import kinds
+from hfprune.pipeline.workspace import Workspace
 from hfprune.report.plots import plot_curves, plot_gap
 from hfprune.report.study import study_report
-from hfprune.pipeline.workspace import Workspace
 
 
 logger = logging.getLogger(__name__)

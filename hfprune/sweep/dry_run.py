@@ -19,14 +19,14 @@ from collections.abc import Iterable
 from typing import Any
 
 from hfprune import kinds
-from hfprune.sweep.grid import Cell, Sweep
-from hfprune.plan.hardware import GIB
 from hfprune.pipeline.runner import Pipeline, describe_plan
 from hfprune.plan.check import peaks
+from hfprune.plan.hardware import GIB
 from hfprune.pruners import get_pruner
 from hfprune.pruners.base import Granularity
-from hfprune.training.schedules import BranchPlan, stable_group
+from hfprune.sweep.grid import Cell, Sweep
 from hfprune.sweep.runner import SharedWork
+from hfprune.training.schedules import BranchPlan, stable_group
 
 
 NO_CONTINUATION = (

@@ -19,14 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError,
 
 from hfprune.errors import InvalidInput
 from hfprune.pruners import UnknownPrunerError, get_pruner
-from hfprune.recipe.schema import (
-    Recipe,
-    RecipeError,
-    apply_overrides,
-    read_recipe_yaml,
-    validate_recipe,
-    validation_problems,
-)
+from hfprune.recipe.loading import RecipeError, read_recipe_yaml, validation_problems
+from hfprune.recipe.schema import Recipe, apply_overrides, validate_recipe
 from hfprune.training.schedules import pin_shared_warmup
 
 

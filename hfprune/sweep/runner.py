@@ -44,9 +44,7 @@ from transformers import PreTrainedModel
 
 from hfprune import distributed, kinds
 from hfprune.failures import translate_oom
-from hfprune.sweep.grid import Cell, Sweep, SweepError, load_sweep
 from hfprune.outputs import atomic_dir, output_lock, read_json, remove_stale_temporaries
-from hfprune.pipeline.runner import Pipeline, context_for, making_stage
 from hfprune.pipeline.providers import (
     FreshScores,
     LoadedParent,
@@ -57,15 +55,15 @@ from hfprune.pipeline.providers import (
     scores_for,
     twin_shape,
 )
-from hfprune.pruners import Pruner
+from hfprune.pipeline.runner import Pipeline, context_for, making_stage
+from hfprune.pipeline.stages.base import Context
+from hfprune.pipeline.workspace import Workspace
+from hfprune.pruners.base import Pruner
 from hfprune.recipe.schema import Recipe
 from hfprune.report.runs import write_report
+from hfprune.sweep.grid import Cell, Sweep
 from hfprune.training.schedules import stable_group
-from hfprune.pipeline.stages import Context
-from hfprune.pipeline.workspace import Workspace
 
-
-__all__ = ["SharedWork", "SweepError", "SweepSummary", "load_sweep", "run_sweep"]
 
 logger = logging.getLogger(__name__)
 

@@ -30,11 +30,11 @@ from transformers import TrainerCallback
 
 from hfprune import distributed, kinds
 from hfprune._faults import kill_point
-from hfprune.training.checkpoints import COMPLETE_MARKER, last_complete_checkpoint
 from hfprune.outputs import output_lock, read_json, write_json
 from hfprune.pipeline.providers import twin_shape
-from hfprune.training.schedules import BranchPlan, stable_group
 from hfprune.seeds import Role, role_seed
+from hfprune.training.checkpoints import COMPLETE_MARKER, last_complete_checkpoint
+from hfprune.training.schedules import BranchPlan, stable_group
 from hfprune.training.train import HeldOutCurveCallback, train_model, training_work_dir
 
 

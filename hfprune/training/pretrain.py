@@ -32,6 +32,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from hfprune import __version__, distributed
 from hfprune.models.structure import count_parameters
+from hfprune.models.twin import seeded_model
 from hfprune.outputs import (
     LOCK_FILE,
     atomic_dir,
@@ -44,7 +45,6 @@ from hfprune.outputs import (
 )
 from hfprune.seeds import Role, role_seed
 from hfprune.training.tokenizer import TokenIds, parent_tokenizer, planned_token_ids, token_ids
-from hfprune.models.twin import seeded_model
 
 
 logger = logging.getLogger(__name__)

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from hfprune import distributed, kinds
-from hfprune.callbacks import budget_schedule
+from hfprune.callbacks.token_budget import budget_schedule
 
 
 WSD_SCHEDULER = "warmup_stable_decay"

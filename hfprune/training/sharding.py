@@ -37,8 +37,8 @@ from torch.distributed.tensor import DTensor
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, TrainingArguments
 
 from hfprune import distributed
-from hfprune.masks.storage import load_packed_masks
 from hfprune.masks.packed import PackedMask
+from hfprune.masks.storage import load_packed_masks
 from hfprune.models.twin import causal_lm_class, empty_model, scratch_twin_from_folder
 
 

@@ -28,9 +28,13 @@ import torch
 from transformers import PreTrainedModel, TrainerCallback, TrainingArguments
 
 from hfprune import distributed
-
+from hfprune.callbacks.token_budget import PAPER_TRAINING_DEFAULTS
+from hfprune.errors import RunFailure
+from hfprune.eval.perplexity import perplexity
+from hfprune.failures import writes_to
+from hfprune.masks.packed import KeepMask
+from hfprune.trainer import PruneTrainer, TrainLoss
 from hfprune.training import schedules
-from hfprune.callbacks import PAPER_TRAINING_DEFAULTS
 from hfprune.training.checkpoints import (
     CheckpointCompleteCallback,
     data_for_finished_run,
@@ -38,37 +42,7 @@ from hfprune.training.checkpoints import (
     quiet_empty_epoch,
     spent_budget,
 )
-from hfprune.errors import RunFailure
-from hfprune.eval.perplexity import perplexity
-from hfprune.failures import writes_to
-from hfprune.masks.packed import KeepMask
 from hfprune.training.packing import PackedTokenStream, training_stream
-from hfprune.training.sharding import (
-    load_for_training,
-    masks_for_training,
-    trained_model_for_eval,
-    twin_for_training,
-)
-from hfprune.trainer import PruneTrainer, TrainLoss
-
-
-__all__ = [
-    "CURVE_KEY",
-    "DataExhaustedGuard",
-    "HeldOutCurveCallback",
-    "TrainOutcome",
-    "TrainingSetupError",
-    "check_dataset_covers_budget",
-    "learning_curve",
-    "load_for_training",
-    "masks_for_training",
-    "save_trained",
-    "train_model",
-    "trained_model_for_eval",
-    "training_arguments",
-    "training_work_dir",
-    "twin_for_training",
-]
 
 
 logger = logging.getLogger(__name__)

@@ -27,7 +27,7 @@ def pydoc_text(**_metadata: Any) -> dict[str, Any]:
     import datasets
 
     from hfprune.data.texts import iter_texts
-    from hfprune.recipe.schema import DatasetSpec
+    from hfprune.recipe.base import DatasetSpec
 
     texts = list(iter_texts(DatasetSpec(path="hfprune:pydoc_topics", split="test")))
     return {"test": datasets.Dataset.from_list([{"text": text} for text in texts])}

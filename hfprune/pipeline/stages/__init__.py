@@ -13,8 +13,3 @@ them:
 
 A new stage is a function here (in one of these modules or a new one) and a row in `stage_table`.
 """
-
-from hfprune.pipeline.stages.base import Context, Stage, make_pruner
-
-
-__all__ = ["Context", "Stage", "make_pruner"]

@@ -17,9 +17,10 @@ from typing import Any
 from transformers import PreTrainedModel
 
 from hfprune.pipeline.providers import Providers
-from hfprune.pruners import Pruner, get_pruner
-from hfprune.recipe.schema import Recipe
 from hfprune.pipeline.workspace import Workspace
+from hfprune.pruners import get_pruner
+from hfprune.pruners.base import Pruner
+from hfprune.recipe.schema import Recipe
 
 
 Input = Callable[["Context"], "str | None"]

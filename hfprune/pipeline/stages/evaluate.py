@@ -16,10 +16,10 @@ from typing import TYPE_CHECKING, Any
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from hfprune import kinds
-from hfprune.eval.perplexity import evaluation_windows, perplexity
 from hfprune.eval.lmeval import evaluate_lm
-from hfprune.models.structure import count_parameters
+from hfprune.eval.perplexity import evaluation_windows, perplexity
 from hfprune.models.placement import log_stage, place, resolve_device
+from hfprune.models.structure import count_parameters
 
 
 if TYPE_CHECKING:

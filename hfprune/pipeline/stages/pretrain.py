@@ -18,9 +18,9 @@ from hfprune.training.pretrain import PRETRAINING_FILE, pretrain_parent
 
 
 if TYPE_CHECKING:
-    from hfprune.recipe.schema import Recipe
     from hfprune.pipeline.stages.base import Context
     from hfprune.pipeline.workspace import Workspace
+    from hfprune.recipe.schema import Recipe
 
 
 def run(ctx: Context) -> None:

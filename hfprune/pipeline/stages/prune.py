@@ -15,16 +15,15 @@ from typing import TYPE_CHECKING, Any
 
 from hfprune import __version__, kinds
 from hfprune.architectures import architecture_of
-from hfprune.architectures.base import SHAPE_KEYS
-from hfprune.publish.cards import render_pruned_card
+from hfprune.architectures.base import SHAPE_KEYS, ParamCount
 from hfprune.hub import Parent, parent_license
-from hfprune.models.structure import ParamCount, count_parameters
-from hfprune.outputs import atomic_dir, write_json, write_text
 from hfprune.masks.parent import carry_parent_masks
 from hfprune.models.placement import log_stage
-from hfprune.pruners import PruneResult
-from hfprune.pruners.base import Granularity
+from hfprune.models.structure import count_parameters
+from hfprune.outputs import atomic_dir, write_json, write_text
 from hfprune.pipeline.workspace import MASKS_FILE
+from hfprune.pruners.base import Granularity, PruneResult
+from hfprune.publish.cards import render_pruned_card
 
 
 if TYPE_CHECKING:

@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING
 
 from hfprune import __version__, kinds
 from hfprune._faults import kill_point
-from hfprune.publish.cards import recorded_license, write_cards
 from hfprune.hub import PushError, PushResult, parent_license, published_kinds, push_folder, repo_id_for
+from hfprune.publish.cards import recorded_license, write_cards
 
 
 if TYPE_CHECKING:

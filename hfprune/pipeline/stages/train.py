@@ -30,22 +30,24 @@ from typing import TYPE_CHECKING, Any
 from transformers import AutoTokenizer, set_seed
 
 from hfprune import distributed, kinds
-from hfprune.training.branches import train_branch
 from hfprune.eval.perplexity import evaluation_windows
 from hfprune.outputs import distributed_staging_dir
+from hfprune.pipeline.workspace import MASKS_FILE
 from hfprune.seeds import Role, role_seed
+from hfprune.training.branches import train_branch
+from hfprune.training.sharding import (
+    load_for_training,
+    masks_for_training,
+    trained_model_for_eval,
+    twin_for_training,
+)
 from hfprune.training.train import (
     HeldOutCurveCallback,
     learning_curve,
-    load_for_training,
-    masks_for_training,
     save_trained,
     train_model,
-    trained_model_for_eval,
     training_work_dir,
-    twin_for_training,
 )
-from hfprune.pipeline.workspace import MASKS_FILE
 
 
 if TYPE_CHECKING:

@@ -6,10 +6,5 @@
 - `hfprune.training.recovery.lora`: `wrap_lora` and `merge_lora`, LoRA trained on the budget and merged into a
   plain checkpoint that keeps sparse masks (imports peft).
 
-Only the specs are imported here, so validating a recipe loads neither trl nor peft.
+Validating a recipe imports only the specs, so it loads neither trl nor peft.
 """
-
-from hfprune.training.recovery.specs import LLAMA_LINEAR_PROJECTIONS, DistillSpec, LoraSpec
-
-
-__all__ = ["LLAMA_LINEAR_PROJECTIONS", "DistillSpec", "LoraSpec"]

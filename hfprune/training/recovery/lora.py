@@ -34,12 +34,11 @@ from transformers import PreTrainedModel
 from hfprune.callbacks.param_names import MASKED_DELTA_ATTR, canonical_name
 from hfprune.callbacks.sparsity_mask import SparsityMaskCallback
 from hfprune.errors import InvalidInput
-from hfprune.training.recovery.specs import LLAMA_LINEAR_PROJECTIONS, LoraSpec
+from hfprune.training.recovery.specs import LoraSpec
 
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LLAMA_LINEAR_PROJECTIONS", "LoraSpec", "LoraTargetError", "MaskedLora", "merge_lora", "wrap_lora"]
 
 _KEEP_BUFFER = "hfprune_keep"
 
