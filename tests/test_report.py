@@ -7,7 +7,8 @@ from pathlib import Path
 
 import yaml
 
-from hfprune.report.runs import find_runs, write_report
+from hfprune.report.writer import write_report
+from hfprune.report.reader import find_runs
 
 
 PROTOCOL = {

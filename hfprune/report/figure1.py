@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from hfprune.eval.perplexity import Z_95
-from hfprune.report.study import StudyCell
+from hfprune.report.cells import StudyCell
 
 
 PANELS = {1: "setting 1: same tokens", 2: "setting 2: scratch on parent pretraining + x tokens"}

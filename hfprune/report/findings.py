@@ -16,7 +16,7 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
-from hfprune.report.study import Gap, StudyCell
+from hfprune.report.cells import Gap, StudyCell
 
 
 SUPPORTED, REFUTED, MIXED, NOT_TESTABLE = "supported", "refuted", "mixed", "not testable here"

@@ -1,6 +1,6 @@
 """The plots of `hfprune report`: learning curves per method, and the headline-minus-baseline gap.
 
-Called by `hfprune.report.runs.write_report` with the rows it read; each function writes one PNG and says
+Called by `hfprune.report.writer.write_report` with the rows it read; each function writes one PNG and says
 whether there was anything to plot. Trained kinds (`hfprune.kinds`) get one line style each; the gap is
 `RunRow.gap` (the kind trained from pruned weights minus the one trained from the random-init twin).
 """
@@ -15,7 +15,7 @@ from hfprune import kinds
 
 
 if TYPE_CHECKING:
-    from hfprune.report.runs import RunRow
+    from hfprune.report.reader import RunRow
 
 
 def plot_curves(rows: list[RunRow], path: Path) -> bool:

@@ -12,8 +12,8 @@ from typing import Any
 
 from hfprune import kinds
 from hfprune.eval.perplexity import Z_95
+from hfprune.report.cells import Score, StudyCell
 from hfprune.report.findings import Finding
-from hfprune.report.study import Score, StudyCell
 
 
 def render_study(cells: list[StudyCell], findings: list[Finding], figure: str, discussion: str | None) -> str:
