@@ -29,7 +29,7 @@ from huggingface_hub.errors import (
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
 
 from hfprune import kinds
-from hfprune.architectures import check_supported
+from hfprune.architectures.registry import check_supported
 from hfprune.errors import RunFailure
 from hfprune.models.config_cache import cached_config
 from hfprune.models.placement import place, resolve_device

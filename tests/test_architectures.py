@@ -17,7 +17,7 @@ import torch
 from conftest import tiny_family_model
 from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config
 
-from hfprune.architectures import (
+from hfprune.architectures.registry import (
     ARCHITECTURES,
     UnsupportedArchitectureError,
     architecture_of,

@@ -17,7 +17,7 @@ from hfprune.pipeline import runner as pipeline
 from hfprune.publish.cards import render_card
 from hfprune.recipe.loading import RecipeError
 from hfprune.recipe.schema import load_recipe
-from hfprune.report.runs import write_report
+from hfprune.report.writer import write_report
 
 
 TRAIN = "train:\n  token_budget: 256\n  seq_len: 32\npush: {repo_prefix: org/tiny-run}\n"

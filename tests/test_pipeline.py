@@ -12,7 +12,7 @@ import pytest
 import yaml
 from conftest import tiny_config
 
-from hfprune.architectures import UnsupportedArchitectureError
+from hfprune.architectures.registry import UnsupportedArchitectureError
 from hfprune.failures import OutputError
 from hfprune.hub import ParentLoadError
 from hfprune.pipeline import providers

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import yaml
 
-from hfprune.report.writer import write_report
 from hfprune.report.reader import find_runs
+from hfprune.report.writer import write_report
 
 
 PROTOCOL = {

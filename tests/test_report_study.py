@@ -14,10 +14,7 @@ import pytest
 import torch
 import yaml
 
-from hfprune.report.findings import MIXED
-from hfprune.report.findings import NOT_TESTABLE
-from hfprune.report.findings import REFUTED
-from hfprune.report.findings import SUPPORTED
+from hfprune.report.findings import MIXED, NOT_TESTABLE, REFUTED, SUPPORTED
 from hfprune.report.writer import write_report
 
 

@@ -17,7 +17,7 @@ from hfprune.cli import main
 from hfprune.pipeline import runner as pipeline
 from hfprune.recipe.loading import RecipeError
 from hfprune.recipe.schema import load_recipe
-from hfprune.report.runs import write_report
+from hfprune.report.writer import write_report
 from hfprune.seeds import Role, role_seed
 from hfprune.sweep.grid import load_sweep
 from hfprune.sweep.runner import run_sweep

@@ -48,7 +48,7 @@ def test_half_the_layers_and_half_the_non_embedding_parameters(quickstart_run):
 
 
 def test_quickstart_trains_both_runs_and_the_pruned_start_wins(quickstart_run):
-    from hfprune.report.runs import write_report
+    from hfprune.report.writer import write_report
 
     metrics = json.loads((quickstart_run / "metrics.json").read_text())
     ppl = {k: metrics[k]["perplexity"]["hamlet"]["value"] for k in ("pruned", "continued", "scratch")}

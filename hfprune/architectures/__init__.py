@@ -1,76 +1,9 @@
-"""The architecture registry: `model_type` -> `ArchitectureSpec`, one module per family.
+"""The decoder families hfprune prunes, one module each: the only place family names live.
 
-A parent is accepted when its config's `model_type` is registered here and every class its
-`architectures` names is that family's causal LM; `check_supported` needs the config alone, so a
-recipe's parent can be refused before any weight is read. Adding a family is one module with its
-spec and one import below; no other module spells a family's names.
+A family is one module with its `ArchitectureSpec` (`base.py`: layer paths, norms, projection names,
+biases, per-head norms, the legal-shape rule, the parameter formula), registered in `registry.py`, the
+registry the rest of hfprune reads. Importing this package imports every family, so the registry is
+complete; adding a family is one module and one name below.
 """
 
-from __future__ import annotations
-
-from typing import Any
-
-from hfprune.architectures.base import ArchitectureSpec, BiasFlag, ParamCount
-from hfprune.errors import RunFailure
-
-
-ARCHITECTURES: dict[str, ArchitectureSpec] = {}
-
-
-class UnsupportedArchitectureError(RunFailure, ValueError):
-    """The parent's `model_type` (or its model class) is not one the registry knows."""
-
-
-def register_architecture(spec: ArchitectureSpec) -> ArchitectureSpec:
-    """Add `spec` under its `model_type`; a second spec for the same type is a bug."""
-    if spec.model_type in ARCHITECTURES:
-        raise ValueError(f"architecture {spec.model_type!r} is registered twice")
-    ARCHITECTURES[spec.model_type] = spec
-    return spec
-
-
-def known_model_types() -> list[str]:
-    return sorted(ARCHITECTURES)
-
-
-def _supported() -> str:
-    return ", ".join(f"{s.model_type} ({s.causal_lm})" for _, s in sorted(ARCHITECTURES.items()))
-
-
-def architecture_of(config: Any) -> ArchitectureSpec:
-    """The spec of `config` (a config, or anything with `model_type` and `architectures`)."""
-    model_type = getattr(config, "model_type", None)
-    spec = ARCHITECTURES.get(model_type)
-    architectures = getattr(config, "architectures", None) or []
-    if spec is not None and all(name == spec.causal_lm for name in architectures):
-        return spec
-    found = ", ".join(architectures) or model_type or "unknown"
-    raise UnsupportedArchitectureError(
-        f"unsupported architecture {found} (model_type={model_type!r}); hfprune supports the decoder "
-        f"families {_supported()}, tied embeddings included"
-    )
-
-
-def check_supported(config: Any) -> None:
-    """Raise `UnsupportedArchitectureError` naming the architecture and the known model types."""
-    architecture_of(config)
-
-
-from hfprune.architectures import llama, mistral, qwen2, qwen3  # noqa: E402  (each module registers its spec)
-
-
-__all__ = [
-    "ARCHITECTURES",
-    "ArchitectureSpec",
-    "BiasFlag",
-    "ParamCount",
-    "UnsupportedArchitectureError",
-    "architecture_of",
-    "check_supported",
-    "known_model_types",
-    "llama",
-    "mistral",
-    "qwen2",
-    "qwen3",
-    "register_architecture",
-]
+from hfprune.architectures import llama, mistral, qwen2, qwen3  # noqa: F401  (each module registers its spec)

@@ -7,8 +7,8 @@ Biases are off unless `attention_bias` (q, k, v and o together) or `mlp_bias` (g
 
 from __future__ import annotations
 
-from hfprune.architectures import register_architecture
 from hfprune.architectures.base import ArchitectureSpec, BiasFlag
+from hfprune.architectures.registry import register_architecture
 
 
 ATTENTION = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from hfprune.architectures import register_architecture
 from hfprune.architectures.llama import LLAMA
+from hfprune.architectures.registry import register_architecture
 
 
 QWEN2 = register_architecture(

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from hfprune.architectures import register_architecture
 from hfprune.architectures.base import BiasFlag
 from hfprune.architectures.llama import ATTENTION, LLAMA
+from hfprune.architectures.registry import register_architecture
 
 
 QWEN3 = register_architecture(

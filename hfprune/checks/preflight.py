@@ -120,7 +120,7 @@ def _check(
 
 def _parent_config(recipe: Recipe, problems: list[Problem], *, pending: bool) -> Any:
     """The parent's config, or None with the reason added to `problems` when it cannot be checked."""
-    from hfprune.architectures import UnsupportedArchitectureError, check_supported
+    from hfprune.architectures.registry import UnsupportedArchitectureError, check_supported
     from hfprune.hub import ParentLoadError, load_parent_config
 
     try:

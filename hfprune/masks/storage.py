@@ -30,7 +30,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from hfprune.architectures import architecture_of
+from hfprune.architectures.registry import architecture_of
 from hfprune.masks.packed import (
     PackedMask,
     numel,

@@ -218,7 +218,7 @@ def move(module: nn.Module, device: torch.device) -> None:
 
 def _offload(model: nn.Module, device: torch.device) -> None:
     """Everything but the decoder layers onto `device`; the layers to the host with onloading hooks."""
-    from hfprune.architectures import architecture_of
+    from hfprune.architectures.registry import architecture_of
 
     spec = architecture_of(model.config)
     layers = spec.decoder_layers(model)

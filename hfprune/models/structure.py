@@ -13,10 +13,10 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
-from hfprune.architectures import (
+from hfprune.architectures.base import ParamCount
+from hfprune.architectures.registry import (
     architecture_of,
 )
-from hfprune.architectures.base import ParamCount
 
 
 def decoder_layers(model: PreTrainedModel) -> nn.ModuleList:

@@ -26,7 +26,7 @@ from safetensors import safe_open
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
-from hfprune.architectures import architecture_of
+from hfprune.architectures.registry import architecture_of
 from hfprune.callbacks.param_names import canonical_name
 from hfprune.masks.packed import KeepMask, PackedMask
 

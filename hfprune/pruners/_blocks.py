@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import torch
 from transformers import PreTrainedModel
 
-from hfprune.architectures import architecture_of
+from hfprune.architectures.registry import architecture_of
 from hfprune.models.structure import decoder_layers
 from hfprune.pruners.calibration import batches, evaluating, run_layer, trace_decoder
 

@@ -14,8 +14,8 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from hfprune.architectures import architecture_of
 from hfprune.architectures.base import ArchitectureSpec
+from hfprune.architectures.registry import architecture_of
 
 
 def drop_layers(model: PreTrainedModel, keep: Sequence[int]) -> PreTrainedModel:

@@ -26,8 +26,8 @@ import torch
 from pydantic import Field
 from transformers import PretrainedConfig, PreTrainedModel
 
-from hfprune.architectures import architecture_of
 from hfprune.architectures.base import ParamCount
+from hfprune.architectures.registry import architecture_of
 from hfprune.models.structure import count_config_parameters, decoder_layers
 from hfprune.pruners._sparse_math import HessianError, Pattern
 from hfprune.pruners._sparse_report import param_names, sparse_result, stats_to_cpu, timed

@@ -19,8 +19,8 @@ from typing import Any
 
 from transformers import PretrainedConfig
 
-from hfprune.architectures import architecture_of
 from hfprune.architectures.base import ArchitectureSpec, ParamCount
+from hfprune.architectures.registry import architecture_of
 from hfprune.models.structure import count_config_parameters, updated_config
 from hfprune.pruners.base import ShapeError, TargetShape
 

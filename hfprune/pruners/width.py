@@ -19,8 +19,8 @@ import torch
 from pydantic import Field
 from transformers import PretrainedConfig, PreTrainedModel
 
-from hfprune.architectures import architecture_of
 from hfprune.architectures.base import ArchitectureSpec
+from hfprune.architectures.registry import architecture_of
 from hfprune.pruners import _ops, register_pruner
 from hfprune.pruners._activations import standardize, stream_statistics, top_indices
 from hfprune.pruners.base import Granularity, Pruner, PruneResult, PrunerOptions, TargetShape

@@ -14,8 +14,8 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from hfprune import __version__, kinds
-from hfprune.architectures import architecture_of
 from hfprune.architectures.base import SHAPE_KEYS, ParamCount
+from hfprune.architectures.registry import architecture_of
 from hfprune.hub import Parent, parent_license
 from hfprune.masks.parent import carry_parent_masks
 from hfprune.models.placement import log_stage
