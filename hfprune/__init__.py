@@ -2,7 +2,7 @@
 evaluate both and publish them.
 
 The public surface is small on purpose: recipes (`load_recipe`), the pipeline (`run`), the pruner
-registry (`get_pruner`, `PRUNERS`) and, for other training scripts, the callbacks in
+registry (`get_pruner`, `METHODS`) and, for other training scripts, the callbacks in
 `hfprune.callbacks`. The first four are importable from `hfprune` itself, loaded on first use (a module
 `__getattr__`), so `import hfprune` stays cheap and importing `hfprune.callbacks` does not pull in the
 pipeline, the pruners or their dependencies.
@@ -21,10 +21,10 @@ _LAZY = {
     "load_recipe": "hfprune.recipe.schema",
     "run": "hfprune.pipeline.runner",
     "get_pruner": "hfprune.pruners",
-    "PRUNERS": "hfprune.pruners",
+    "METHODS": "hfprune.pruners",
 }
 
-__all__ = ["PRUNERS", "__version__", "get_pruner", "load_recipe", "run"]
+__all__ = ["METHODS", "__version__", "get_pruner", "load_recipe", "run"]
 
 
 def __getattr__(name: str) -> Any:

@@ -317,12 +317,12 @@ def validate(recipes: tuple[str, ...], parent: bool | None, files: bool) -> None
 @main.command(name="ls")
 def list_all() -> None:
     """List the pruners (with granularity) and the shipped recipes."""
-    from hfprune.pruners import PRUNERS
+    from hfprune.pruners import METHODS
 
     click.echo("pruners:")
-    for name, cls in sorted(PRUNERS.items()):
-        calib = "calibrated" if cls.needs_calibration else "no calibration"
-        click.echo(f"  {name:<16} {cls.granularity!s:<7} {calib:<15} {cls.description}")
+    for name, method in sorted(METHODS.items()):
+        calib = "calibrated" if method.needs_calibration else "no calibration"
+        click.echo(f"  {name:<16} {method.granularity!s:<7} {calib:<15} {method.description}")
     folder, where = _recipes_dir()
     recipes = sorted(folder.glob("*.yaml"))
     click.echo(f"recipes ({where}):" if recipes else f"recipes: none in {where}")
@@ -399,7 +399,7 @@ def card(output_dir: str, overrides: tuple[str, ...]) -> None:
 @click.argument("directory", type=click.Path(file_okay=False, exists=True))
 def report(directory: str) -> None:
     """Write report.md, report.json and PNG plots for one run or a folder of runs."""
-    from hfprune.report.runs import write_report
+    from hfprune.report.writer import write_report
 
     try:
         data = write_report(Path(directory))

@@ -27,8 +27,9 @@ from hfprune.errors import RunFailure
 from hfprune.hub import load_parent_config
 from hfprune.models.structure import count_config_parameters, count_parameters, decoder_layers, updated_config
 from hfprune.models.twin import make_scratch_twin
-from hfprune.pruners import PRUNERS, get_pruner
-from hfprune.pruners.base import Granularity, ShapeError
+from hfprune.pruners import METHODS, get_pruner
+from hfprune.pruners.base import ShapeError
+from hfprune.pruners.options import Granularity
 from hfprune.pruners.shapes import ShapeSpace, build_shape, resolve_shape
 from hfprune.pruners.width import FlapScores
 from hfprune.recipe.schema import ParentSpec
@@ -128,7 +129,7 @@ def with_weights_of(source, pruned, masks: dict[str, torch.Tensor], name: str):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("name", sorted(PRUNERS))
+@pytest.mark.parametrize("name", sorted(METHODS))
 def test_every_pruner_on_every_family(family, name, tmp_path):
     source, tokens = parent(family), ids()
     pruner = make(name)

@@ -14,7 +14,7 @@ import torch
 from conftest import tiny_family_model, tiny_model
 
 from hfprune.models.structure import decoder_layers
-from hfprune.pruners import get_pruner
+from hfprune.pruners import get_method, get_pruner
 from hfprune.pruners._blocks import chunked_nll
 from hfprune.pruners.calibration import LayerWalk, stream_forward, trace_decoder, walk_layers
 
@@ -161,10 +161,10 @@ def test_the_walk_logs_what_it_holds(caplog):
 
 def test_budget_is_a_validated_option_of_the_calibrated_sparse_methods():
     assert get_pruner("wanda").Options().max_activation_bytes == 4 * 2**30
-    assert get_pruner("sparsegpt").options_problems({"max_activation_bytes": -1})[0][0] == (
+    assert get_method("sparsegpt").options.problems({"max_activation_bytes": -1})[0][0] == (
         "options.max_activation_bytes"
     )
-    assert get_pruner("magnitude").options_problems({"max_activation_bytes": 1})[0][1] == "unknown option"
+    assert get_method("magnitude").options.problems({"max_activation_bytes": 1})[0][1] == "unknown option"
 
 
 # -- Minitron depth --------------------------------------------------------------------------------------

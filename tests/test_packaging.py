@@ -34,7 +34,7 @@ PUBLIC = {
     "run": "hfprune.pipeline.runner",
     "get_pruner": "hfprune.pruners",
 }
-PUBLIC |= {"PRUNERS": "hfprune.pruners"}
+PUBLIC |= {"METHODS": "hfprune.pruners"}
 # Declared but not imported by hfprune/, and why.
 NOT_IMPORTED = {
     "accelerate": "transformers.Trainer needs it",

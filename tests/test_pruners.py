@@ -11,8 +11,8 @@ from conftest import tiny_model
 from transformers import AutoModelForCausalLM
 
 from hfprune.models.structure import count_parameters
-from hfprune.pruners import PRUNERS, get_pruner
-from hfprune.pruners.base import Granularity
+from hfprune.pruners import METHODS, get_pruner
+from hfprune.pruners.options import Granularity
 
 
 # Options that suit the tiny test parent (e.g. alignments far below the 64 used for real models).
@@ -40,7 +40,7 @@ def logits(model, ids: torch.Tensor) -> torch.Tensor:
         return model(input_ids=ids).logits
 
 
-@pytest.fixture(params=sorted(PRUNERS))
+@pytest.fixture(params=sorted(METHODS))
 def name(request) -> str:
     return request.param
 
@@ -95,7 +95,7 @@ def test_scoring_does_not_change_the_model(name):
 
 def test_every_pruner_documents_itself(name):
     cls = get_pruner(name)
-    assert cls.description and cls.__doc__ and "method:" in cls.__doc__, (
+    assert METHODS[name].description and cls.__doc__ and "method:" in cls.__doc__, (
         "doc must cite paper, score and a snippet"
     )
     assert isinstance(cls.granularity, Granularity)

@@ -16,16 +16,16 @@ from transformers import LlamaConfig
 
 from hfprune.architectures.llama import LLAMA
 from hfprune.masks.storage import load_masks, save_masks
-from hfprune.pruners import get_pruner
+from hfprune.pruners import get_method, get_pruner
 from hfprune.pruners._sparse_math import (
     HessianError,
-    Pattern,
     inverse_hessian_factor,
     lowest_in_rows,
     matrix_keep_mask,
     pruned_count,
     sparsegpt_prune,
 )
+from hfprune.pruners.options import Pattern
 from hfprune.recipe.loading import RecipeError
 from hfprune.recipe.schema import load_recipe, validate_recipe
 
@@ -158,9 +158,9 @@ def test_nm_patterns_need_ratio_one_half(parent, ids):
 
 
 def test_option_errors_name_the_allowed_values():
-    problems = get_pruner("wanda").options_problems({"pattern": "3:4"})
+    problems = get_method("wanda").options.problems({"pattern": "3:4"})
     assert problems[0][0] == "options.pattern" and "'2:4'" in problems[0][1]
-    problems = get_pruner("sparsegpt").options_problems({"pattern": "4:8", "block_size": 12})
+    problems = get_method("sparsegpt").options.problems({"pattern": "4:8", "block_size": 12})
     assert problems and "multiple of 8" in problems[0][1]
 
 

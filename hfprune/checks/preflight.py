@@ -163,9 +163,9 @@ def config_problems(recipe: Recipe, config: Any, *, training: bool = True) -> li
 
 
 def _needs_calibration(recipe: Recipe) -> bool:
-    from hfprune.pruners import PRUNERS
+    from hfprune.pruners import METHODS
 
-    return PRUNERS[recipe.prune.method].needs_calibration
+    return METHODS[recipe.prune.method].needs_calibration
 
 
 # -- checks from the recipe and the file system -----------------------------------------------------

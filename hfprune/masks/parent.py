@@ -33,7 +33,8 @@ from transformers import PreTrainedModel
 
 from hfprune.errors import RunFailure
 from hfprune.masks.storage import load_masks, masks_from_zeros
-from hfprune.pruners.base import Granularity, PruneResult
+from hfprune.pruners.base import PruneResult
+from hfprune.pruners.options import Granularity
 
 
 logger = logging.getLogger(__name__)

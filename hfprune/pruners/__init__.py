@@ -1,22 +1,116 @@
-"""The pruner registry: registry keys used in recipes -> `Pruner` classes.
+"""The pruner registry: the methods a recipe may name, and the `Pruner` class behind each.
 
-Pruners register themselves with `@register_pruner`; this module imports each pruner module
-explicitly (no package walking), so the registry is complete after `import hfprune.pruners`.
-Unknown names fail with a did-you-mean, duplicate names fail at import.
+`METHODS` is the manifest: per method its granularity, whether it needs calibration, a one-line
+description, its options schema (`options.py`, no torch) and where its class lives. Listing the methods
+and validating a recipe's `prune` section read only the manifest, so they import neither torch nor
+transformers; `get_pruner` imports a method's module when a pruner is really wanted. A test holds the
+manifest against the classes (`tests/pruners/test_registry.py`). Unknown names fail with a did-you-mean.
+
+Adding a method: a `Pruner` subclass in a module here (`depth.py`, `width.py`, `sparse.py` or a new
+one), its options schema in `options.py`, and one `Method` row below.
 """
 
 from __future__ import annotations
 
 import difflib
-import re
-from collections.abc import Callable
+import importlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from hfprune.errors import InvalidInput
-from hfprune.pruners.base import Granularity, Pruner, PruneResult, PrunerOptions, TargetShape
+from hfprune.pruners.options import (
+    CalibratedSparseOptions,
+    FlapOptions,
+    Granularity,
+    MinitronDepthOptions,
+    MinitronWidthOptions,
+    PrunerOptions,
+    SparseGPTOptions,
+    SparseOptions,
+)
 
 
-PRUNERS: dict[str, type[Pruner]] = {}
-_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+if TYPE_CHECKING:
+    from hfprune.pruners.base import Pruner
+
+
+@dataclass(frozen=True)
+class Method:
+    """One registered pruning method, described without importing its implementation."""
+
+    name: str
+    granularity: Granularity
+    needs_calibration: bool
+    description: str
+    options: type[PrunerOptions]
+    implementation: str  # "module:Class" under hfprune.pruners
+
+    def load(self) -> type[Pruner]:
+        module, cls = self.implementation.split(":")
+        return getattr(importlib.import_module(f"hfprune.pruners.{module}"), cls)
+
+
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method(
+            "shortgpt",
+            Granularity.DEPTH,
+            True,
+            "Block Influence (1 - cos(h_in, h_out)); removes the least influential layers",
+            PrunerOptions,
+            "depth:ShortGPTPruner",
+        ),
+        Method(
+            "minitron_depth",
+            Granularity.DEPTH,
+            True,
+            "contiguous block of layers whose removal changes calibration perplexity least",
+            MinitronDepthOptions,
+            "depth:MinitronDepthPruner",
+        ),
+        Method(
+            "minitron_width",
+            Granularity.WIDTH,
+            True,
+            "hidden channels by norm-output activation, FFN neurons by down_proj-input activation",
+            MinitronWidthOptions,
+            "width:MinitronWidthPruner",
+        ),
+        Method(
+            "flap",
+            Granularity.WIDTH,
+            True,
+            "fluctuation (input variance x squared weight column norm) per KV group and FFN neuron",
+            FlapOptions,
+            "width:FlapPruner",
+        ),
+        Method(
+            "wanda",
+            Granularity.SPARSE,
+            True,
+            "|W| x input-feature L2 norm, compared within each output row; no weight update",
+            CalibratedSparseOptions,
+            "sparse:WandaPruner",
+        ),
+        Method(
+            "sparsegpt",
+            Granularity.SPARSE,
+            True,
+            "OBS saliency from the calibration Hessian, blocked, with updates of surviving weights",
+            SparseGPTOptions,
+            "sparse:SparseGPTPruner",
+        ),
+        Method(
+            "magnitude",
+            Granularity.SPARSE,
+            False,
+            "|W| with one threshold per matrix; no calibration",
+            SparseOptions,
+            "sparse:MagnitudePruner",
+        ),
+    )
+}
 
 
 class UnknownPrunerError(InvalidInput, KeyError):
@@ -26,51 +120,18 @@ class UnknownPrunerError(InvalidInput, KeyError):
         return str(self.args[0])
 
 
-def register_pruner(name: str) -> Callable[[type[Pruner]], type[Pruner]]:
-    """Class decorator adding a pruner under `name` (lower_snake, unique)."""
-
-    def decorator(cls: type[Pruner]) -> type[Pruner]:
-        if not _NAME.match(name):
-            raise ValueError(f"pruner name {name!r} must be lower_snake_case")
-        if name in PRUNERS:
-            raise ValueError(
-                f"pruner {name!r} is registered twice ({PRUNERS[name].__qualname__}, {cls.__qualname__})"
-            )
-        if not isinstance(getattr(cls, "granularity", None), Granularity):
-            raise TypeError(f"pruner {name!r} must declare a Granularity")
-        cls.name = name
-        PRUNERS[name] = cls
-        return cls
-
-    return decorator
-
-
-def get_pruner(name: str) -> type[Pruner]:
-    """Look up a pruner class; an unknown name raises `UnknownPrunerError` with suggestions."""
+def get_method(name: str) -> Method:
+    """The registered method `name`; an unknown name raises `UnknownPrunerError` with suggestions."""
     try:
-        return PRUNERS[name]
+        return METHODS[name]
     except KeyError:
-        close = difflib.get_close_matches(str(name), PRUNERS, n=2, cutoff=0.6)
+        close = difflib.get_close_matches(str(name), METHODS, n=2, cutoff=0.6)
         hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
         raise UnknownPrunerError(
-            f"unknown method {name!r}; {hint}known methods: {', '.join(sorted(PRUNERS))}"
+            f"unknown method {name!r}; {hint}known methods: {', '.join(sorted(METHODS))}"
         ) from None
 
 
-from hfprune.pruners import depth, sparse, width  # noqa: E402  (registration happens on import)
-
-
-__all__ = [
-    "PRUNERS",
-    "Granularity",
-    "PruneResult",
-    "Pruner",
-    "PrunerOptions",
-    "TargetShape",
-    "UnknownPrunerError",
-    "depth",
-    "get_pruner",
-    "register_pruner",
-    "sparse",
-    "width",
-]
+def get_pruner(name: str) -> type[Pruner]:
+    """The `Pruner` class of method `name` (its module imported now); unknown names as `get_method`."""
+    return get_method(name).load()

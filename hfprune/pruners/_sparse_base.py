@@ -17,46 +17,26 @@ and the LM head stay dense.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from pydantic import Field
 from transformers import PretrainedConfig, PreTrainedModel
 
 from hfprune.architectures.base import ParamCount
 from hfprune.architectures.registry import architecture_of
 from hfprune.models.structure import count_config_parameters, decoder_layers
-from hfprune.pruners._sparse_math import HessianError, Pattern
+from hfprune.pruners._sparse_math import HessianError
 from hfprune.pruners._sparse_report import param_names, sparse_result, stats_to_cpu, timed
-from hfprune.pruners.base import Granularity, Pruner, PruneResult, PrunerOptions, ShapeError, TargetShape
+from hfprune.pruners.base import Pruner, PruneResult, ShapeError, TargetShape
 from hfprune.pruners.calibration import LayerStep, LayerWalk, stream_forward
+from hfprune.pruners.options import Granularity, Pattern, SparseOptions
 
 
 # One statistic per group of linears that read the same input (the spec's `linear_groups`).
 LayerStats = dict[str, torch.Tensor]
 LinearGroups = tuple[tuple[str, ...], ...]
-
-
-# Default budget of calibration activations the sequential walk holds in memory: 4 GiB holds the
-# literature's 128 x 2048 tokens of an 8B model in bf16 (2 GiB); the rest of a larger set is spilled.
-DEFAULT_ACTIVATION_BYTES = 4 * 2**30
-
-
-class SparseOptions(PrunerOptions):
-    pattern: Literal["unstructured", "2:4", "4:8"] = Field(
-        default="unstructured", description="unstructured, or N:M (keep N of every M inputs; ratio 0.5 only)"
-    )
-
-
-class CalibratedSparseOptions(SparseOptions):
-    max_activation_bytes: int = Field(
-        default=DEFAULT_ACTIVATION_BYTES,
-        ge=0,
-        description="calibration hidden states held in memory by the sequential walk; the rest go to files",
-    )
 
 
 class SparsePruner(Pruner):
@@ -100,16 +80,6 @@ class SparsePruner(Pruner):
     def pruned_unstructured(self, rows: int, cols: int, ratio: float) -> int:
         """How many weights an unstructured prune removes from a (rows, cols) matrix."""
         raise NotImplementedError
-
-    # -- ratio and plan -----------------------------------------------------------------------
-    def ratio_problem(self, ratio: float) -> str | None:
-        pattern = self.pattern
-        if pattern.is_nm and ratio != 0 and not math.isclose(ratio, pattern.ratio):
-            return (
-                f"pattern {pattern} keeps {pattern.keep} of every {pattern.group} weights, so it needs ratio "
-                f"{pattern.ratio:g}, got {ratio:g}; use pattern: unstructured for other ratios"
-            )
-        return None
 
     def _check_ratio(self, ratio: float) -> None:
         if not 0 <= ratio < 1:

@@ -11,11 +11,11 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 
 import torch
 
 from hfprune.errors import RunFailure
+from hfprune.pruners.options import Pattern
 
 
 PATTERNS = ("unstructured", "2:4", "4:8")
@@ -23,33 +23,6 @@ PATTERNS = ("unstructured", "2:4", "4:8")
 
 class HessianError(RunFailure, ValueError):
     """A calibration Hessian that SparseGPT cannot invert (not positive definite, or not finite)."""
-
-
-@dataclass(frozen=True)
-class Pattern:
-    """Unstructured, or N:M (keep N of every M consecutive weights along the input dimension)."""
-
-    keep: int = 0
-    group: int = 0
-
-    @classmethod
-    def parse(cls, text: str) -> Pattern:
-        if text == "unstructured":
-            return cls()
-        keep, _, group = text.partition(":")
-        return cls(int(keep), int(group))
-
-    @property
-    def is_nm(self) -> bool:
-        return self.group > 0
-
-    @property
-    def ratio(self) -> float:
-        """The only sparsity an N:M pattern reaches."""
-        return (self.group - self.keep) / self.group
-
-    def __str__(self) -> str:
-        return f"{self.keep}:{self.group}" if self.is_nm else "unstructured"
 
 
 def pruned_count(n: int, ratio: float) -> int:

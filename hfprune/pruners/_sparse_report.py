@@ -17,8 +17,8 @@ from transformers import PreTrainedModel
 from hfprune.architectures.base import ParamCount
 from hfprune.masks.storage import sparsity_report
 from hfprune.models.structure import count_config_parameters
-from hfprune.pruners._sparse_math import Pattern
 from hfprune.pruners.base import PruneResult, TargetShape
+from hfprune.pruners.options import Pattern
 
 
 logger = logging.getLogger(__name__)

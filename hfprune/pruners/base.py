@@ -11,31 +11,18 @@ from __future__ import annotations
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from enum import StrEnum
 from typing import Any, ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict, ValidationError
 from transformers import PretrainedConfig, PreTrainedModel
 
 from hfprune.architectures.base import ParamCount
 from hfprune.errors import RunFailure
-
-
-class Granularity(StrEnum):
-    DEPTH = "depth"
-    WIDTH = "width"
-    SPARSE = "sparse"
+from hfprune.pruners.options import Granularity, PrunerOptions
 
 
 class ShapeError(RunFailure, ValueError):
     """A ratio that no legal shape of this parent reaches; the message names the nearest one."""
-
-
-class PrunerOptions(BaseModel):
-    """Base of each pruner's `Options` schema: strict, immutable, validated from `prune.options`."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 @dataclass(frozen=True)
@@ -79,30 +66,14 @@ class Pruner(ABC):
     name: ClassVar[str]
     granularity: ClassVar[Granularity]
     needs_calibration: ClassVar[bool] = True
-    description: ClassVar[str] = ""
     Options: ClassVar[type[PrunerOptions]] = PrunerOptions
 
     def __init__(self, options: PrunerOptions | None = None):
         self.options = options if options is not None else self.Options()
 
-    @classmethod
-    def options_problems(cls, raw: dict[str, Any]) -> list[tuple[str, str]]:
-        """(key path under `options`, message) for every invalid option."""
-        try:
-            cls.Options.model_validate(raw)
-        except ValidationError as err:
-            return [
-                (
-                    ".".join(["options", *map(str, e["loc"])]),
-                    "unknown option" if e["type"] == "extra_forbidden" else e["msg"],
-                )
-                for e in err.errors()
-            ]
-        return []
-
     def ratio_problem(self, ratio: float) -> str | None:
         """A message when this pruner cannot reach `ratio` with its options (None when it can)."""
-        return None
+        return self.options.ratio_problem(ratio)
 
     @abstractmethod
     def plan(self, config: PretrainedConfig, ratio: float) -> TargetShape:

@@ -11,19 +11,17 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
-from pydantic import Field
 from transformers import PretrainedConfig, PreTrainedModel
 
 from hfprune.models.structure import count_config_parameters, decoder_layers, updated_config
-from hfprune.pruners import register_pruner
 from hfprune.pruners._blocks import block_nlls
 from hfprune.pruners._ops import drop_layers
-from hfprune.pruners.base import Granularity, Pruner, PruneResult, PrunerOptions, TargetShape
+from hfprune.pruners.base import Pruner, PruneResult, TargetShape
 from hfprune.pruners.calibration import execution_device, layer_input, layer_output, stream_forward
-from hfprune.pruners.shapes import RATIO_TOLERANCE, require_within
+from hfprune.pruners.options import Granularity, MinitronDepthOptions
+from hfprune.pruners.shapes import require_within
 
 
 def plan_layer_removal(config: PretrainedConfig, ratio: float) -> TargetShape:
@@ -60,7 +58,6 @@ class DepthPruner(Pruner):
         return PruneResult(model=model, shape=shape, details=details)
 
 
-@register_pruner("shortgpt")
 class ShortGPTPruner(DepthPruner):
     """ShortGPT (Men et al., 2024, arXiv 2403.03853): remove the layers that change the residual least.
 
@@ -73,7 +70,7 @@ class ShortGPTPruner(DepthPruner):
           ratio: 0.5
     """
 
-    description = "Block Influence (1 - cos(h_in, h_out)); removes the least influential layers"
+    name = "shortgpt"
 
     @torch.no_grad()
     def score(
@@ -128,7 +125,6 @@ class BlockScores:
         return min(range(len(values)), key=lambda i: (abs(values[i] - self.baseline), i))
 
 
-@register_pruner("minitron_depth")
 class MinitronDepthPruner(DepthPruner):
     """Minitron depth pruning (Muralidharan et al., 2024, arXiv 2407.14679; Sreenivas et al., 2024,
     arXiv 2408.11796): remove one contiguous block of decoder layers.
@@ -143,13 +139,8 @@ class MinitronDepthPruner(DepthPruner):
           options: {metric: perplexity}
     """
 
-    description = "contiguous block of layers whose removal changes calibration perplexity least"
-
-    class Options(PrunerOptions):
-        metric: Literal["perplexity"] = Field(
-            "perplexity", description="what a candidate block is judged by (calibration perplexity)"
-        )
-        ratio_tolerance: float = Field(RATIO_TOLERANCE, gt=0, lt=1)
+    name = "minitron_depth"
+    Options = MinitronDepthOptions
 
     def plan(self, config: PretrainedConfig, ratio: float) -> TargetShape:
         why = f"only whole layers can be removed ({config.num_hidden_layers} layers, at least one kept)"

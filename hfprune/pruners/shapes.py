@@ -23,9 +23,7 @@ from hfprune.architectures.base import ArchitectureSpec, ParamCount
 from hfprune.architectures.registry import architecture_of
 from hfprune.models.structure import count_config_parameters, updated_config
 from hfprune.pruners.base import ShapeError, TargetShape
-
-
-RATIO_TOLERANCE = 0.03
+from hfprune.pruners.options import RATIO_TOLERANCE
 
 
 class ShapeSpace:

@@ -12,12 +12,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from pydantic import Field, model_validator
 
-from hfprune.pruners import register_pruner
-from hfprune.pruners._sparse_base import CalibratedSparseOptions, SparsePruner
+from hfprune.pruners._sparse_base import SparsePruner
 from hfprune.pruners._sparse_math import (
-    Pattern,
     inverse_hessian_factor,
     magnitude_mask,
     pruned_count,
@@ -25,23 +22,9 @@ from hfprune.pruners._sparse_math import (
     sparsegpt_pruned_count,
     wanda_mask,
 )
+from hfprune.pruners.options import CalibratedSparseOptions, SparseGPTOptions
 
 
-class SparseGPTOptions(CalibratedSparseOptions):
-    block_size: int = Field(default=128, gt=0, description="columns pruned together (mask chosen per block)")
-    dampening: float = Field(default=0.01, gt=0, description="added to the Hessian diagonal, x its mean")
-
-    @model_validator(mode="after")
-    def _block_holds_whole_groups(self) -> SparseGPTOptions:
-        group = Pattern.parse(self.pattern).group
-        if group and self.block_size % group:
-            raise ValueError(
-                f"block_size {self.block_size} must be a multiple of {group} for pattern {self.pattern}"
-            )
-        return self
-
-
-@register_pruner("wanda")
 class WandaPruner(SparsePruner):
     """Wanda (Sun et al., 2023, arXiv 2306.11695): prune by weight magnitude times input activation.
 
@@ -57,7 +40,7 @@ class WandaPruner(SparsePruner):
             max_activation_bytes: 4294967296   # calibration hidden states held in memory (the rest spill)
     """
 
-    description = "|W| x input-feature L2 norm, compared within each output row; no weight update"
+    name = "wanda"
     Options = CalibratedSparseOptions
 
     def new_statistic(self, features: int, device: torch.device) -> torch.Tensor:
@@ -73,7 +56,6 @@ class WandaPruner(SparsePruner):
         return rows * pruned_count(cols, ratio)
 
 
-@register_pruner("sparsegpt")
 class SparseGPTPruner(SparsePruner):
     """SparseGPT (Frantar & Alistarh, 2023, arXiv 2301.00774): one-shot pruning with OBS updates.
 
@@ -92,7 +74,7 @@ class SparseGPTPruner(SparsePruner):
             max_activation_bytes: 4294967296   # calibration hidden states held in memory (the rest spill)
     """
 
-    description = "OBS saliency from the calibration Hessian, blocked, with updates of surviving weights"
+    name = "sparsegpt"
     Options = SparseGPTOptions
 
     def new_statistic(self, features: int, device: torch.device) -> torch.Tensor:
@@ -124,7 +106,6 @@ class SparseGPTPruner(SparsePruner):
         return sparsegpt_pruned_count(rows, cols, ratio, self.options.block_size)
 
 
-@register_pruner("magnitude")
 class MagnitudePruner(SparsePruner):
     """Magnitude pruning (Han et al., 2015, arXiv 1506.02626): the baseline with no calibration.
 
@@ -136,7 +117,7 @@ class MagnitudePruner(SparsePruner):
           ratio: 0.5
     """
 
-    description = "|W| with one threshold per matrix; no calibration"
+    name = "magnitude"
     needs_calibration = False
 
     def prune_weight(self, weight: torch.Tensor, prepared: Any, ratio: float) -> tuple[None, torch.Tensor]:

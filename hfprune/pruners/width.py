@@ -13,18 +13,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Literal
 
 import torch
-from pydantic import Field
 from transformers import PretrainedConfig, PreTrainedModel
 
 from hfprune.architectures.base import ArchitectureSpec
 from hfprune.architectures.registry import architecture_of
-from hfprune.pruners import _ops, register_pruner
+from hfprune.pruners import _ops
 from hfprune.pruners._activations import standardize, stream_statistics, top_indices
-from hfprune.pruners.base import Granularity, Pruner, PruneResult, PrunerOptions, TargetShape
-from hfprune.pruners.shapes import RATIO_TOLERANCE, plan_groups, plan_width
+from hfprune.pruners.base import Pruner, PruneResult, TargetShape
+from hfprune.pruners.options import FlapOptions, Granularity, MinitronWidthOptions
+from hfprune.pruners.shapes import plan_groups, plan_width
 
 
 def _require(calibration: torch.Tensor | None, name: str) -> torch.Tensor:
@@ -41,7 +40,6 @@ class WidthScores:
     ffn: torch.Tensor
 
 
-@register_pruner("minitron_width")
 class MinitronWidthPruner(Pruner):
     """Minitron width pruning (Muralidharan et al., 2024, arXiv 2407.14679; Sreenivas et al., 2024,
     arXiv 2408.11796): shrink the hidden size and the FFN size, keep every attention head.
@@ -58,18 +56,9 @@ class MinitronWidthPruner(Pruner):
           options: {alignment: 64}
     """
 
+    name = "minitron_width"
     granularity = Granularity.WIDTH
-    description = "hidden channels by norm-output activation, FFN neurons by down_proj-input activation"
-
-    class Options(PrunerOptions):
-        alignment: int = Field(64, ge=1, description="hidden and FFN sizes are multiples of this")
-        ffn_ratio: float | None = Field(
-            None, gt=0, description="FFN/hidden of the result (default: the parent's)"
-        )
-        proportion_slack: float = Field(
-            0.2, ge=0, lt=1, description="allowed relative drift of FFN/hidden from its target"
-        )
-        ratio_tolerance: float = Field(RATIO_TOLERANCE, gt=0, lt=1)
+    Options = MinitronWidthOptions
 
     def plan(self, config: PretrainedConfig, ratio: float) -> TargetShape:
         o = self.options
@@ -131,7 +120,6 @@ _COMPENSATE = {"none": frozenset(), "attention": frozenset({"attention"}), "mlp"
 _COMPENSATE["both"] = _COMPENSATE["attention"] | _COMPENSATE["mlp"]
 
 
-@register_pruner("flap")
 class FlapPruner(Pruner):
     """FLAP (An et al., 2024, arXiv 2312.11983), uniform variant: remove the same number of whole GQA
     groups and FFN neurons from every layer; the hidden size is kept.
@@ -147,16 +135,9 @@ class FlapPruner(Pruner):
           options: {bias_compensation: attention}
     """
 
+    name = "flap"
     granularity = Granularity.WIDTH
-    description = "fluctuation (input variance x squared weight column norm) per KV group and FFN neuron"
-
-    class Options(PrunerOptions):
-        alignment: int = Field(64, ge=1, description="the FFN size is a multiple of this")
-        kv_groups_removed: int | None = Field(
-            None, ge=0, description="fix how many KV groups each layer loses"
-        )
-        bias_compensation: Literal["none", "attention", "mlp", "both"] = "none"
-        ratio_tolerance: float = Field(RATIO_TOLERANCE, gt=0, lt=1)
+    Options = FlapOptions
 
     def plan(self, config: PretrainedConfig, ratio: float) -> TargetShape:
         o = self.options

@@ -21,7 +21,7 @@ import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from hfprune import kinds
-from hfprune.pruners import PRUNERS, UnknownPrunerError, get_pruner
+from hfprune.pruners import METHODS, UnknownPrunerError, get_method
 from hfprune.recipe.base import DatasetSpec, Strict, default_dataset
 from hfprune.recipe.device import device_spec_problem
 from hfprune.recipe.evaluation import EvalSpec
@@ -88,7 +88,7 @@ class PruneSpec(Strict):
     @classmethod
     def _known_method(cls, method: str) -> str:
         try:
-            get_pruner(method)
+            get_method(method)
         except UnknownPrunerError as err:
             raise ValueError(str(err)) from None
         return method
@@ -279,13 +279,13 @@ def _train_args_problems(raw: dict[str, Any]) -> list[tuple[str, str]]:
 
 def _pruner_problems(prune: Any) -> list[tuple[str, str]]:
     """Validate `prune.options` with the method's own schema, even when other keys are wrong."""
-    if not isinstance(prune, dict) or prune.get("method") not in PRUNERS:
+    if not isinstance(prune, dict) or prune.get("method") not in METHODS:
         return []
-    pruner_cls = PRUNERS[prune["method"]]
-    problems = pruner_cls.options_problems(prune.get("options") or {})
+    schema = METHODS[prune["method"]].options
+    problems = schema.problems(prune.get("options") or {})
     ratio = prune.get("ratio")
     if not problems and isinstance(ratio, int | float) and 0 < ratio < 1:
-        message = pruner_cls(pruner_cls.Options(**(prune.get("options") or {}))).ratio_problem(float(ratio))
+        message = schema(**(prune.get("options") or {})).ratio_problem(float(ratio))
         if message:
             problems.append(("ratio", message))
     return [(f"prune.{path}", msg) for path, msg in problems]

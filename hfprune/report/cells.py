@@ -128,10 +128,10 @@ class StudyCell:
 
 def granularity_of(method: str, recorded: str | None) -> str:
     """The method's granularity from the pruner registry; the one its prune report recorded otherwise."""
-    from hfprune.pruners import UnknownPrunerError, get_pruner  # torch and the pruners: only for a study
+    from hfprune.pruners import UnknownPrunerError, get_method
 
     try:
-        return str(get_pruner(method).granularity)
+        return str(get_method(method).granularity)
     except UnknownPrunerError:
         return recorded or "?"
 

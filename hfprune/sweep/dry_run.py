@@ -23,8 +23,10 @@ from hfprune.pipeline.runner import Pipeline, describe_plan
 from hfprune.plan.check import peaks
 from hfprune.plan.hardware import GIB
 from hfprune.pruners import get_pruner
-from hfprune.pruners.base import Granularity
-from hfprune.sweep.grid import Cell, Sweep
+from hfprune.pruners.options import Granularity
+from hfprune.seeds import Role, role_seed
+from hfprune.sweep.control import control_spec, control_status
+from hfprune.sweep.grid import Cell, Control, Sweep
 from hfprune.sweep.runner import SharedWork
 from hfprune.training.schedules import BranchPlan, stable_group
 

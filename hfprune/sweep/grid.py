@@ -18,7 +18,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator
 
 from hfprune.errors import InvalidInput
-from hfprune.pruners import UnknownPrunerError, get_pruner
+from hfprune.pruners import UnknownPrunerError, get_method
 from hfprune.recipe.loading import RecipeError, read_recipe_yaml, validation_problems
 from hfprune.recipe.schema import Recipe, apply_overrides, validate_recipe
 from hfprune.training.schedules import pin_shared_warmup
@@ -199,7 +199,7 @@ def _axes(spec: SweepSpec, raw: dict[str, Any]) -> tuple[dict[str, list[Any]], l
             problems.append((f"sweep.options.{method}", f"not a method of this sweep ({axes['method']})"))
     for index, method in enumerate(axes["method"] if spec.method else []):
         try:
-            get_pruner(method)
+            get_method(method)
         except UnknownPrunerError as err:
             problems.append((f"sweep.method.{index}", str(err)))
     return axes, problems

@@ -22,7 +22,9 @@ from hfprune.models.placement import log_stage
 from hfprune.models.structure import count_parameters
 from hfprune.outputs import atomic_dir, write_json, write_text
 from hfprune.pipeline.workspace import MASKS_FILE
-from hfprune.pruners.base import Granularity, PruneResult
+from hfprune.pruners import METHODS
+from hfprune.pruners.base import PruneResult
+from hfprune.pruners.options import Granularity
 from hfprune.publish.cards import render_pruned_card
 
 
@@ -94,7 +96,7 @@ def prune_report(
     return {
         "method": pruner.name,
         "granularity": str(pruner.granularity),
-        "description": pruner.description,
+        "description": METHODS[pruner.name].description,
         "options": pruner.options.model_dump(mode="json"),
         "ratio_requested": recipe.prune.ratio,
         "ratio_achieved": shape["ratio_achieved"],
