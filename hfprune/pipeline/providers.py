@@ -32,8 +32,18 @@ from hfprune.training.schedules import sharing_budgets
 
 
 if TYPE_CHECKING:
-    from hfprune.pipeline.stages.base import Context
     from hfprune.pipeline.workspace import Workspace
+
+
+class Context(Protocol):
+    """What a provider reads of the stage asking it: the run's recipe and its workspace.
+
+    `hfprune.pipeline.stages.base.Context` is the full one; the providers need only these two, and
+    naming them here keeps this module free of the stages that use it.
+    """
+
+    recipe: Recipe
+    workspace: Workspace
 
 
 @dataclass(frozen=True)
