@@ -12,9 +12,6 @@ from __future__ import annotations
 import datetime
 import os
 
-import torch
-import torch.distributed as dist
-
 
 STAGE_TIMEOUT = datetime.timedelta(hours=6)
 
@@ -29,6 +26,9 @@ def is_main_process() -> bool:
 
 def ensure_process_group() -> None:
     """Join the torchrun process group (NCCL on GPUs, gloo on CPUs) when launched with several processes."""
+    import torch  # here: rank checks and the planning that uses them run without torch
+    import torch.distributed as dist
+
     if world_size() > 1 and dist.is_available() and not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
@@ -38,11 +38,15 @@ def ensure_process_group() -> None:
 
 def barrier() -> None:
     if world_size() > 1:
+        import torch.distributed as dist
+
         ensure_process_group()
         dist.barrier()
 
 
 def shutdown() -> None:
     """Destroy the process group; without it torchrun processes may abort at interpreter exit."""
+    import torch.distributed as dist
+
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

@@ -15,9 +15,7 @@ the compute dtype, or on a CPU `CPU_EFFICIENCY` of a matmul throughput measured 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
-
-from transformers import PretrainedConfig
+from typing import TYPE_CHECKING, Any
 
 from hfprune.errors import InvalidInput
 from hfprune.plan.hardware import GIB, Hardware, detect_hardware
@@ -28,6 +26,10 @@ from hfprune.plan.train_eval import eval_stage, train_stage
 
 MFU = 0.40  # model FLOP utilisation assumed on an accelerator, of its dense peak for the compute dtype
 CPU_EFFICIENCY = 0.5  # fraction of the measured matmul throughput a CPU forward/backward reaches
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
+
+
 DEVICE_RESERVE = GIB  # CUDA context and allocator slack, not available to tensors
 
 

@@ -14,9 +14,11 @@ import re
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 
 GIB = 2**30
@@ -68,6 +70,8 @@ class Hardware:
 def detect_hardware() -> Hardware:
     """This machine: its CUDA devices when torch sees any, else its CPU (throughput measured once per
     process: preflight and the dry run of every sweep cell ask again)."""
+    import torch  # here, not at the top: a plan for a stated machine needs no torch
+
     host = host_memory_available()
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
@@ -149,6 +153,8 @@ def measure_cpu_flops(dtype: torch.dtype, size: int = 256, seconds: float = 0.05
     Small matrices (`size`) keep this fast (CPUs without bf16 units run bf16 matmuls ~50x slower);
     they understate what large matmuls reach by up to about 2x, which a time class tolerates.
     """
+    import torch  # here, not at the top: a plan for a stated machine needs no torch
+
     a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
     a @ b  # warm-up
     best = 0.0
@@ -183,6 +189,8 @@ def stated_hardware(
     """The machine a plan is made for: `name` (a reference machine, or "detect" for this one) with the
     stated memories and device count replacing its own. Stating a device memory on a CPU-only machine
     plans for an accelerator of that size (with the throughput of an unknown one, A100 figures)."""
+    import torch  # here, not at the top: a plan for a stated machine needs no torch
+
     if name in (None, "detect"):
         hardware = detect_hardware() if device_memory is None or torch.cuda.is_available() else _stated_gpu()
     else:

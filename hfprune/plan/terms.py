@@ -12,9 +12,11 @@ does today; when calibration or training change what they hold, the formula chan
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from transformers import PretrainedConfig
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 from hfprune.plan.hardware import GIB
 

@@ -31,7 +31,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from hfprune import distributed, kinds
-from hfprune.callbacks.token_budget import budget_schedule
 
 
 WSD_SCHEDULER = "warmup_stable_decay"
@@ -178,6 +177,9 @@ def schedule_args(spec: Any, step_tokens: int) -> dict[str, Any]:
     or, for `schedule.type: wsd`, the one branch of its own plan (what a branch of the same budget and
     warmup follows)."""
     if spec.schedule.type == "cosine":
+        # Imported here: the callbacks package loads transformers, which planning a recipe never needs.
+        from hfprune.callbacks.token_budget import budget_schedule
+
         return budget_schedule(spec.token_budget, step_tokens, spec.warmup_ratio, spec.min_lr_ratio)
     return BranchPlan.for_budgets(spec, [spec.token_budget], step_tokens).branch_args(spec.token_budget)
 
