@@ -140,3 +140,77 @@ def tiny_family_model(model_type: str, seed: int = 0, **overrides):
             elif name.endswith(("o_proj.weight", "down_proj.weight")):
                 param.mul_(torch.rand(()) * 8 + 1)  # as in tiny_model: layers that differ in influence
     return model.eval()
+
+
+# -- a small real file system, without root ---------------------------------------------------------
+# The command runs in a private mount namespace with a tmpfs of the asked size on `mountpoint` (the
+# mount goes with the namespace); with `SMALL_FS_COPY` set, what the tmpfs holds is copied there first.
+_SMALL_FS_SCRIPT = """
+mount -t tmpfs -o size="$SMALL_FS_SIZE" tmpfs "$SMALL_FS_DIR" || exit 97
+"$@"; rc=$?
+[ -z "$SMALL_FS_COPY" ] || cp -a "$SMALL_FS_DIR/." "$SMALL_FS_COPY/" || rc=98
+[ -z "$SMALL_FS_UMOUNT" ] || umount "$SMALL_FS_DIR"
+exit $rc
+"""
+# A user and mount namespace needs no root on most kernels; as root, a mount namespace, or a plain mount.
+SMALL_FS_WAYS = {
+    "user namespace": (["unshare", "--user", "--map-root-user", "--mount"], False),
+    "mount namespace (root)": (["unshare", "--mount"], False),
+    "plain mount (root)": ([], True),
+}
+_small_fs_way: list[tuple[list[str], bool]] = []
+
+
+def small_fs_way() -> tuple[list[str], bool]:
+    """The first way of `SMALL_FS_WAYS` that mounts a tmpfs here; fails the test, with every reason, if none."""
+    import subprocess
+    import tempfile
+
+    if _small_fs_way:
+        return _small_fs_way[0]
+    reasons = []
+    for name, (prefix, umount) in SMALL_FS_WAYS.items():
+        with tempfile.TemporaryDirectory() as folder:
+            env = {**os.environ, "SMALL_FS_DIR": folder, "SMALL_FS_SIZE": "64k", "SMALL_FS_COPY": ""}
+            env["SMALL_FS_UMOUNT"] = "1" if umount else ""
+            argv = [*prefix, "sh", "-c", _SMALL_FS_SCRIPT, "sh", "true"]
+            try:
+                done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
+            except OSError as err:
+                reasons.append(f"{name}: {err}")
+                continue
+            if done.returncode == 0:
+                _small_fs_way.append((prefix, umount))
+                return prefix, umount
+            reasons.append(f"{name}: exit {done.returncode}: {done.stderr.strip()[-300:]}")
+    pytest.fail("no way to mount a small tmpfs on this machine: " + "; ".join(reasons))
+
+
+def run_on_small_fs(
+    mountpoint: Path,
+    size: str,
+    argv: list[str],
+    *,
+    copy_to: Path | None = None,
+    env: dict | None = None,
+    timeout: float = 600,
+):
+    """Run `argv` with a fresh tmpfs of `size` (`2m`, `64m`) mounted on `mountpoint`, seen by it alone;
+    with `copy_to`, what the tmpfs holds when it ends is copied there. Returns the `CompletedProcess`."""
+    import subprocess
+
+    prefix, umount = small_fs_way()
+    mountpoint.mkdir(parents=True, exist_ok=True)
+    if copy_to is not None:
+        copy_to.mkdir(parents=True, exist_ok=True)
+    env = {**(env or os.environ), "SMALL_FS_DIR": str(mountpoint), "SMALL_FS_SIZE": size}
+    env.update(SMALL_FS_COPY=str(copy_to or ""), SMALL_FS_UMOUNT="1" if umount else "")
+    command = [*prefix, "sh", "-c", _SMALL_FS_SCRIPT, "sh", *argv]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def planned_shape(config, method: str, ratio: float, options: dict | None = None):
+    """The target shape the pruner `method` (with `options`) would prune `config` to, from the config alone."""
+    from hfprune.pruners import build_pruner
+
+    return build_pruner(method, options).plan(config, ratio)

@@ -14,7 +14,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_family_model
+from conftest import planned_shape, tiny_family_model
 from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config
 
 from hfprune.architectures.registry import (
@@ -30,7 +30,7 @@ from hfprune.models.twin import make_scratch_twin
 from hfprune.pruners import METHODS, get_pruner
 from hfprune.pruners.base import ShapeError
 from hfprune.pruners.options import Granularity
-from hfprune.pruners.shapes import ShapeSpace, build_shape, resolve_shape
+from hfprune.pruners.shapes import ShapeSpace, build_shape
 from hfprune.pruners.width import FlapScores
 from hfprune.recipe.schema import ParentSpec
 
@@ -228,9 +228,9 @@ def test_bias_compensation_needs_a_bias_the_family_can_express(family, block):
         with pytest.raises(
             ShapeError, match=f"needs a bias on {spec.output_projection(block)}.*{spec.config_class}"
         ):
-            resolve_shape(config, "flap", 0.5, {"alignment": 8, "bias_compensation": block})
+            planned_shape(config, "flap", 0.5, {"alignment": 8, "bias_compensation": block})
         return
-    shape = resolve_shape(config, "flap", 0.5, {"alignment": 8, "bias_compensation": block})
+    shape = planned_shape(config, "flap", 0.5, {"alignment": 8, "bias_compensation": block})
     new = updated_config(config, shape.config_changes)
     assert spec.output_projection(block) in spec.biased_projections(new)
 
@@ -244,10 +244,10 @@ def test_shapes_follow_the_family_rule_on_a_real_config(family):
     config = AutoConfig.for_model(family, num_attention_heads=9, num_key_value_heads=3, head_dim=64, **values)
     if spec.hidden_divisible_by_heads:
         with pytest.raises(ShapeError, match="lcm\\(alignment 64, num_attention_heads 9\\) = 576"):
-            resolve_shape(config, "minitron_width", 0.5)
+            planned_shape(config, "minitron_width", 0.5)
         return
     for method in ("minitron_width", "flap", "minitron_depth"):
-        shape = resolve_shape(config, method, 0.5)
+        shape = planned_shape(config, method, 0.5)
         new = updated_config(config, shape.config_changes)
         assert abs(shape.ratio_achieved - 0.5) <= 0.03 and new.hidden_size % 64 == 0
         assert count_config_parameters(new) == shape.params_after

@@ -16,7 +16,7 @@ from hfprune.hub import load_parent
 from hfprune.masks.parent import ParentMasksError
 from hfprune.masks.storage import load_masks, masks_from_zeros, save_masks
 from hfprune.pipeline import runner as pipeline
-from hfprune.pipeline.stages.base import make_pruner
+from hfprune.pruners import build_pruner
 from hfprune.recipe.schema import ParentSpec, load_recipe
 
 
@@ -165,5 +165,5 @@ def _prune(recipe, parent):
     from hfprune.pipeline.stages.prune import prune_model
 
     ctx = context_for(recipe)
-    assert isinstance(ctx.pruner, type(make_pruner(recipe)))
+    assert isinstance(ctx.pruner, type(build_pruner(recipe.prune.method, recipe.prune.options)))
     return prune_model(ctx, parent)

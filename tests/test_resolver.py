@@ -7,11 +7,12 @@ import math
 from pathlib import Path
 
 import pytest
+from conftest import planned_shape
 from huggingface_hub.errors import StrictDataclassClassValidationError
 from transformers import LlamaConfig
 
 from hfprune.pruners.base import ShapeError
-from hfprune.pruners.shapes import legal_groups_removed, resolve_shape
+from hfprune.pruners.shapes import legal_groups_removed
 from hfprune.recipe.schema import load_recipe
 
 
@@ -63,7 +64,7 @@ CASES = [
 @pytest.mark.parametrize("ratio", RATIOS)
 def test_smollm2_shapes_are_legal_and_within_tolerance(method, options, ratio):
     parent = smollm2()
-    shape = resolve_shape(parent, method, ratio, options)
+    shape = planned_shape(parent, method, ratio, options)
     assert abs(shape.ratio_achieved - ratio) <= 0.03
     new = loadable(parent, shape.config_changes)
     assert new.hidden_size % new.num_attention_heads == 0
@@ -83,7 +84,7 @@ def test_smollm2_shapes_are_legal_and_within_tolerance(method, options, ratio):
 @pytest.mark.parametrize("ratio", RATIOS)
 def test_width_with_default_alignment_explains_why_smollm2_cannot_be_reached(ratio):
     with pytest.raises(ShapeError) as err:
-        resolve_shape(smollm2(), "minitron_width", ratio)
+        planned_shape(smollm2(), "minitron_width", ratio)
     message = str(err.value)
     assert "lcm(alignment 64, num_attention_heads 9) = 576" in message
     assert "hidden_size % num_attention_heads == 0" in message
@@ -92,7 +93,7 @@ def test_width_with_default_alignment_explains_why_smollm2_cannot_be_reached(rat
     finer = int(hint.split("`")[0])
     assert finer in {32, 16, 8} and abs(float(hint.split("reaches ")[1].split(" ")[0]) - ratio) <= 0.03
     assert (
-        abs(resolve_shape(smollm2(), "minitron_width", ratio, {"alignment": finer}).ratio_achieved - ratio)
+        abs(planned_shape(smollm2(), "minitron_width", ratio, {"alignment": finer}).ratio_achieved - ratio)
         <= 0.03
     )
 
@@ -101,13 +102,13 @@ def test_unreachable_shapes_name_the_nearest_one():
     with pytest.raises(
         ShapeError, match=r"only whole layers.*nearest legal shape is \{'num_hidden_layers': 2\}"
     ):
-        resolve_shape(
+        planned_shape(
             LlamaConfig(num_hidden_layers=4, hidden_size=64, intermediate_size=128), "minitron_depth", 0.6
         )
     with pytest.raises(ShapeError, match=r"`kv_groups_removed` fixes it to 2.*nearest legal shape"):
-        resolve_shape(smollm2(), "flap", 0.8, {"kv_groups_removed": 2, "alignment": 512})
+        planned_shape(smollm2(), "flap", 0.8, {"kv_groups_removed": 2, "alignment": 512})
     with pytest.raises(ShapeError, match=r"ratio 0.99 cannot be reached"):
-        resolve_shape(smollm2(), "flap", 0.99)
+        planned_shape(smollm2(), "flap", 0.99)
 
 
 def test_legal_group_counts_follow_the_head_divisibility_check():
@@ -121,29 +122,29 @@ def test_legal_group_counts_follow_the_head_divisibility_check():
 @pytest.mark.parametrize("ratio", RATIOS)
 def test_llama_8b_shapes_use_64_alignment_and_keep_the_proportion(ratio):
     parent = llama_8b()
-    width = resolve_shape(parent, "minitron_width", ratio)
+    width = planned_shape(parent, "minitron_width", ratio)
     new = loadable(parent, width.config_changes)
     assert abs(width.ratio_achieved - ratio) <= 0.03
     assert new.hidden_size % 64 == 0 and new.intermediate_size % 64 == 0
     assert math.isclose(new.intermediate_size / new.hidden_size, 3.5, rel_tol=0.2)
-    flap = resolve_shape(parent, "flap", ratio, {"bias_compensation": "attention"})
+    flap = planned_shape(parent, "flap", ratio, {"bias_compensation": "attention"})
     assert abs(flap.ratio_achieved - ratio) <= 0.03
     assert 8 - loadable(parent, flap.config_changes).num_key_value_heads in {4, 6, 7}
-    depth = resolve_shape(parent, "minitron_depth", ratio)
+    depth = planned_shape(parent, "minitron_depth", ratio)
     assert depth.config_changes["num_hidden_layers"] == round(32 * (1 - ratio))
 
 
 def test_ratio_zero_resolves_to_the_parent_shape():
     parent = smollm2()
     for method, options in CASES:
-        shape = resolve_shape(parent, method, 0.0, options)
+        shape = planned_shape(parent, method, 0.0, options)
         assert shape.ratio_achieved == 0 and shape.params_after == shape.params_before
 
 
 def test_fixing_the_ffn_proportion_moves_the_shape():
     parent = llama_8b()
-    default = resolve_shape(parent, "minitron_width", 0.5).config_changes
-    fixed = resolve_shape(parent, "minitron_width", 0.5, {"ffn_ratio": 3.0, "proportion_slack": 0.05})
+    default = planned_shape(parent, "minitron_width", 0.5).config_changes
+    fixed = planned_shape(parent, "minitron_width", 0.5, {"ffn_ratio": 3.0, "proportion_slack": 0.05})
     changes = fixed.config_changes
     assert abs(changes["intermediate_size"] / changes["hidden_size"] - 3.0) <= 0.15
     assert changes["hidden_size"] > default["hidden_size"]
@@ -154,7 +155,7 @@ def test_fixing_the_ffn_proportion_moves_the_shape():
 def test_shipped_recipes_resolve_on_llama_8b(name):
     recipe = load_recipe(RECIPES / f"{name}.yaml")
     assert recipe.parent.model == "meta-llama/Llama-3.1-8B"
-    shape = resolve_shape(llama_8b(), recipe.prune.method, recipe.prune.ratio, recipe.prune.options)
+    shape = planned_shape(llama_8b(), recipe.prune.method, recipe.prune.ratio, recipe.prune.options)
     assert abs(shape.ratio_achieved - 0.5) <= 0.03
     if recipe.prune.method == "flap":
         assert recipe.prune.options["bias_compensation"] == "attention"

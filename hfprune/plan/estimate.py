@@ -100,11 +100,10 @@ def estimate(
     objects with the same fields: num_samples/seq_len/batch_size; name/seq_len/max_windows; runs/...);
     `budgets` gives a run's own token budget where it is not `train.token_budget` (setting 2)."""
     from hfprune.models.structure import updated_config
-    from hfprune.pruners import get_pruner
+    from hfprune.pruners import build_pruner
 
     hardware = hardware or detect_hardware()
-    pruner_cls = get_pruner(method)
-    pruner = pruner_cls(pruner_cls.Options(**(options or {})))
+    pruner = build_pruner(method, options)
     target = pruner.plan(config, ratio)
     parent = Shape.from_config(config, _dtype_name(dtype, config))
     pruned = Shape.from_config(updated_config(config, target.config_changes), parent.dtype)

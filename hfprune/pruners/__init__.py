@@ -15,7 +15,7 @@ from __future__ import annotations
 import difflib
 import importlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from hfprune.errors import InvalidInput
 from hfprune.pruners.options import (
@@ -135,3 +135,10 @@ def get_method(name: str) -> Method:
 def get_pruner(name: str) -> type[Pruner]:
     """The `Pruner` class of method `name` (its module imported now); unknown names as `get_method`."""
     return get_method(name).load()
+
+
+def build_pruner(name: str, options: dict[str, Any] | None = None) -> Pruner:
+    """The pruner a recipe's `prune: {method: name, options: ...}` asks for: the one place hfprune
+    builds a pruner (the prune stage, the plan and the dry run all come here)."""
+    method = get_method(name)
+    return method.load()(method.options(**(options or {})))

@@ -269,13 +269,3 @@ def group_candidates(
             }
             # Ties go to removing fewer groups: the study's FLAP model kept more of its attention than of its MLP.
             yield Candidate(changes, space.ratio(changes), (abs(removed - ratio * groups), removed))
-
-
-def resolve_shape(
-    config: PretrainedConfig, method: str, ratio: float, options: dict[str, Any] | None = None
-) -> TargetShape:
-    """The target shape the registered pruner `method` (with `options`) would prune `config` to."""
-    from hfprune.pruners import get_pruner
-
-    pruner_cls = get_pruner(method)
-    return pruner_cls(pruner_cls.Options(**(options or {}))).plan(config, ratio)

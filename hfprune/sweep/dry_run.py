@@ -22,7 +22,7 @@ from hfprune import kinds
 from hfprune.pipeline.runner import Pipeline, describe_plan
 from hfprune.plan.check import peaks
 from hfprune.plan.hardware import GIB
-from hfprune.pruners import get_pruner
+from hfprune.pruners import get_method
 from hfprune.pruners.options import Granularity
 from hfprune.seeds import Role, role_seed
 from hfprune.sweep.control import control_spec, control_status
@@ -112,7 +112,7 @@ def _planned_twin_key(cell: Cell, plan: dict[str, Any]) -> str | None:
         return None
     if (
         not recipe.train.reinit_embeddings_and_norms
-        or get_pruner(cell.method).granularity is Granularity.SPARSE
+        or get_method(cell.method).granularity is Granularity.SPARSE
     ):
         return None
     return json.dumps([plan["target_shape"], recipe.fingerprint("train", "eval", "seed")], sort_keys=True)
@@ -150,7 +150,7 @@ def _planned_start(cell: Cell, kind: str, plan: dict[str, Any]) -> str | None:
     if (
         kinds.get(kind).making is not kinds.Making.FROM_TWIN
         or not recipe.train.reinit_embeddings_and_norms
-        or get_pruner(cell.method).granularity is Granularity.SPARSE
+        or get_method(cell.method).granularity is Granularity.SPARSE
     ):
         return None
     return "shape:" + json.dumps(plan["target_shape"], sort_keys=True)

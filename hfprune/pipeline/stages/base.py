@@ -18,7 +18,7 @@ from transformers import PreTrainedModel
 
 from hfprune.pipeline.providers import Providers
 from hfprune.pipeline.workspace import Workspace
-from hfprune.pruners import get_pruner
+from hfprune.pruners import build_pruner
 from hfprune.pruners.base import Pruner
 from hfprune.recipe.schema import Recipe
 
@@ -72,11 +72,6 @@ def trained_model(kind: str, ws: Workspace) -> tuple[Path, ...]:
     return (ws.model_dir(kind) / "model.safetensors", ws.model_dir(kind) / "training_report.json")
 
 
-def make_pruner(recipe: Recipe) -> Pruner:
-    pruner_cls = get_pruner(recipe.prune.method)
-    return pruner_cls(pruner_cls.Options(**recipe.prune.options))
-
-
 @dataclass
 class Context:
     """What a stage works with: the recipe, its workspace, its pruner, its providers, and the models this
@@ -101,7 +96,14 @@ class Context:
         out = recipe.output_path
         # The resolved recipe reproduces the run exactly, whatever overrides produced it.
         command = command or shlex.join(["hfprune", "run", str(out / "recipe.yaml")])
-        return cls(recipe, Workspace(out), make_pruner(recipe), providers or Providers(), command, table)
+        return cls(
+            recipe,
+            Workspace(out),
+            build_pruner(recipe.prune.method, recipe.prune.options),
+            providers or Providers(),
+            command,
+            table,
+        )
 
     def fingerprint(self, stage: str) -> str:
         parts = (part(self) for part in self.table[stage].inputs)
