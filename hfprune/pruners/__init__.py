@@ -6,7 +6,7 @@ and validating a recipe's `prune` section read only the manifest, so they import
 transformers; `get_pruner` imports a method's module when a pruner is really wanted. A test holds the
 manifest against the classes (`tests/pruners/test_registry.py`). Unknown names fail with a did-you-mean.
 
-Adding a method: a `Pruner` subclass in a module here (`depth.py`, `width.py`, `sparse.py` or a new
+Adding a method: a `Pruner` subclass in a module here (`depth.py`, `width.py`, `sparse/methods.py` or a new
 one), its options schema in `options.py`, and one `Method` row below.
 """
 
@@ -91,7 +91,7 @@ METHODS: dict[str, Method] = {
             True,
             "|W| x input-feature L2 norm, compared within each output row; no weight update",
             CalibratedSparseOptions,
-            "sparse:WandaPruner",
+            "sparse.methods:WandaPruner",
         ),
         Method(
             "sparsegpt",
@@ -99,7 +99,7 @@ METHODS: dict[str, Method] = {
             True,
             "OBS saliency from the calibration Hessian, blocked, with updates of surviving weights",
             SparseGPTOptions,
-            "sparse:SparseGPTPruner",
+            "sparse.methods:SparseGPTPruner",
         ),
         Method(
             "magnitude",
@@ -107,7 +107,7 @@ METHODS: dict[str, Method] = {
             False,
             "|W| with one threshold per matrix; no calibration",
             SparseOptions,
-            "sparse:MagnitudePruner",
+            "sparse.methods:MagnitudePruner",
         ),
     )
 }

@@ -3,7 +3,7 @@
 This module is the pruners' half that needs no torch: the registry (`hfprune.pruners`) lists every
 method with its granularity and its options schema from here, so listing the methods and validating a
 recipe's `prune` section import neither torch nor transformers. The pruner classes (`depth.py`,
-`width.py`, `sparse.py`) take their `Options` from here and never see the recipe itself.
+`width.py`, `sparse/methods.py`) take their `Options` from here and never see the recipe itself.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Small helpers of the sparse pruners: parameter names, statistics to the host, timing, the result.
 
-Sits beside `_sparse_base` (the shared plumbing of `wanda`, `sparsegpt` and `magnitude`): what turns
+Sits beside `base` (the shared plumbing of `wanda`, `sparsegpt` and `magnitude`): what turns
 the masks of a finished prune into the `PruneResult` whose details `prune_report.json` records.
 """
 

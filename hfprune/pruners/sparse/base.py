@@ -1,6 +1,6 @@
 """Plumbing shared by the sparse pruners: plan, ratio checks, hooks, the sequential walk, masks, report.
 
-Sits under `hfprune.pruners.sparse` (the registered pruners) and over `_sparse_math` (pure tensor
+Sits under `hfprune.pruners.sparse.methods` (the registered pruners) and over `ops` (pure tensor
 math). `SparsePruner.prune()` walks the decoder layer by layer (`hfprune.pruners.calibration.LayerWalk`): hooks
 record one layer's input statistics, the layer is pruned, and it is run again so that the next layer
 is calibrated on pruned outputs. The walk holds every calibration window's hidden state at the current
@@ -27,11 +27,11 @@ from transformers import PretrainedConfig, PreTrainedModel
 from hfprune.architectures.base import ParamCount
 from hfprune.architectures.registry import architecture_of
 from hfprune.models.structure import count_config_parameters, decoder_layers
-from hfprune.pruners._sparse_math import HessianError
-from hfprune.pruners._sparse_report import param_names, sparse_result, stats_to_cpu, timed
 from hfprune.pruners.base import Pruner, PruneResult, ShapeError, TargetShape
 from hfprune.pruners.calibration import LayerStep, LayerWalk, stream_forward
 from hfprune.pruners.options import Granularity, Pattern, SparseOptions
+from hfprune.pruners.sparse.ops import HessianError
+from hfprune.pruners.sparse.report import param_names, sparse_result, stats_to_cpu, timed
 
 
 # One statistic per group of linears that read the same input (the spec's `linear_groups`).

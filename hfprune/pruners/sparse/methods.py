@@ -2,8 +2,8 @@
 
 Sits between calibration and saving. Each pruner here only says how to gather a statistic from a
 linear layer's calibration inputs and how to prune one weight matrix with it; the sequential
-layer-by-layer walk, the plan and the report live in `_sparse_base`, the tensor math in
-`_sparse_math`. The result carries keep-masks (True = keep) keyed by parameter name, which the
+layer-by-layer walk, the plan and the report live in `base.py`, the tensor math in
+`ops.py`. The result carries keep-masks (True = keep) keyed by parameter name, which the
 prune stage saves with `hfprune.masks.storage.save_masks`.
 """
 
@@ -13,8 +13,9 @@ from typing import Any
 
 import torch
 
-from hfprune.pruners._sparse_base import SparsePruner
-from hfprune.pruners._sparse_math import (
+from hfprune.pruners.options import CalibratedSparseOptions, SparseGPTOptions
+from hfprune.pruners.sparse.base import SparsePruner
+from hfprune.pruners.sparse.ops import (
     inverse_hessian_factor,
     magnitude_mask,
     pruned_count,
@@ -22,7 +23,6 @@ from hfprune.pruners._sparse_math import (
     sparsegpt_pruned_count,
     wanda_mask,
 )
-from hfprune.pruners.options import CalibratedSparseOptions, SparseGPTOptions
 
 
 class WandaPruner(SparsePruner):

@@ -1,6 +1,6 @@
 """Pure tensor math of the sparse pruners: keep-masks from scores, and SparseGPT's OBS reconstruction.
 
-Sits under `hfprune.pruners.sparse`, which owns the model, the hooks and the calibration walk; nothing
+Sits under `hfprune.pruners.sparse.base`, which owns the model, the hooks and the calibration walk; nothing
 here knows about layers, hooks or devices, so every function is testable on plain tensors. Weights
 are (out_features, in_features); masks are bool with True = keep; scores are "higher = more
 important" and the lowest are pruned.
