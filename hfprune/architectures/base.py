@@ -113,11 +113,6 @@ class ArchitectureSpec:
         """Projections whose outputs are residual-stream channels."""
         return (self.o_proj, self.down_proj)
 
-    @property
-    def shape_keys(self) -> tuple[str, ...]:
-        """The config keys that describe a model's shape, bias flags included."""
-        return SHAPE_KEYS + tuple(flag.key for flag in self.bias_flags)
-
     def output_projection(self, block: str) -> str:
         return {"attention": self.o_proj, "mlp": self.down_proj}[block]
 

@@ -49,11 +49,6 @@ def count_config_parameters(config: PretrainedConfig) -> ParamCount:
     return architecture_of(config).count_parameters(config)
 
 
-def shape_of(config: PretrainedConfig) -> dict[str, Any]:
-    """The config keys that describe the model's shape (the family's list), with their values."""
-    return {key: getattr(config, key, None) for key in architecture_of(config).shape_keys}
-
-
 def updated_config(config: PretrainedConfig, changes: dict[str, Any]) -> PretrainedConfig:
     """A copy of `config` with `changes` applied; the parent config is never mutated.
 
