@@ -93,23 +93,31 @@ def test_a_hub_shard_belongs_to_the_split_its_file_name_carries():
 
 
 def test_training_text_overlaps_unless_a_source_order_offset_skips_past_the_evaluation_windows():
-    # Evaluation reads 4 windows x 128 tokens = 512 tokens from the start of pydoc test.
-    calibration = PYDOC_TRAIN
+    # A streamed evaluation set capped at 4 windows of 128 tokens reads its first 8 x 4 x 128 = 4,096 tokens.
+    calibration, streamed = PYDOC_TRAIN, {**PYDOC_TEST, "streaming": True}
     shuffled = {"dataset": PYDOC_TEST, "skip_tokens": 1_000_000}
-    assert keys(overlap_problems(recipe(calibration, PYDOC_TEST, train=shuffled))) == [
+    assert keys(overlap_problems(recipe(calibration, streamed, train=shuffled))) == [
         "eval.perplexity.0.dataset"
     ]
-    in_order = {"dataset": PYDOC_TEST, "skip_tokens": 540, "shuffle_buffer": 1}
-    assert overlap_problems(recipe(calibration, PYDOC_TEST, train=in_order)) == []
-    too_close = {"dataset": PYDOC_TEST, "skip_tokens": 520, "shuffle_buffer": 1}  # within the 5% margin
-    problems = overlap_problems(recipe(calibration, PYDOC_TEST, train=too_close))
+    in_order = {"dataset": PYDOC_TEST, "skip_tokens": 4400, "shuffle_buffer": 1}
+    assert overlap_problems(recipe(calibration, streamed, train=in_order)) == []
+    too_close = {"dataset": PYDOC_TEST, "skip_tokens": 4200, "shuffle_buffer": 1}  # within the 5% margin
+    problems = overlap_problems(recipe(calibration, streamed, train=too_close))
     assert keys(problems) == ["eval.perplexity.0.dataset"] and "training data" in problems[0][1]
 
 
-def test_an_unbounded_evaluation_set_overlaps_any_later_offset():
+def test_capped_windows_spread_over_the_whole_set_so_no_offset_holds_them_out():
     train = {"dataset": PYDOC_TEST, "skip_tokens": 10**9, "shuffle_buffer": 1}
-    assert overlap_problems(recipe(PYDOC_TRAIN, PYDOC_TEST, train=train)) == []
-    unbounded = recipe(PYDOC_TRAIN, PYDOC_TEST, train=train, max_windows=None)
+    assert keys(overlap_problems(recipe(PYDOC_TRAIN, PYDOC_TEST, train=train))) == [
+        "eval.perplexity.0.dataset"
+    ]
+
+
+def test_an_unbounded_evaluation_set_overlaps_any_later_offset():
+    streamed = {**PYDOC_TEST, "streaming": True}
+    train = {"dataset": PYDOC_TEST, "skip_tokens": 10**9, "shuffle_buffer": 1}
+    assert overlap_problems(recipe(PYDOC_TRAIN, streamed, train=train)) == []
+    unbounded = recipe(PYDOC_TRAIN, streamed, train=train, max_windows=None)
     assert keys(overlap_problems(unbounded)) == ["eval.perplexity.0.dataset"]
 
 

@@ -2,6 +2,7 @@
 
 Runs on a validated recipe, before any work: `hfprune validate` and the start of `hfprune run` call
 `overlap_problems(recipe)` and report what it returns, (key path, message) pairs like `RecipeError`'s.
+The cards ask `overlapping_sets(recipe)` which sets are not held out, to name the role of their text.
 It reads no data (it must work offline and in a dry run); it compares what the recipe declares:
 
 - the same corpus: dataset `path` (with a few Hub aliases such as `wikitext` for `Salesforce/wikitext`),
@@ -10,9 +11,11 @@ It reads no data (it must work offline and in a dry run); it compares what the r
   every file of its split, so it overlaps a file whose name carries that split (`c4-train.00000...`);
 - known containments: a few corpora contain others (WikiText-103 holds WikiText-2's train split and the
   same validation and test articles), listed in `_FAMILIES`;
-- declared offsets: calibration and evaluation read their corpus in order from its start (plus a
-  `skip_tokens` where the spec has one); training reads a shuffled stream, so its `skip_tokens` only
-  makes it disjoint from the start of the corpus when `shuffle_buffer` is 1 (source order). Token
+- declared offsets: calibration reads its corpus in order from its start (plus a `skip_tokens` where
+  the spec has one); evaluation spreads its windows over the whole set, or over the first
+  `STREAMED_READ_MULTIPLE` x `max_windows` windows of a streamed one (`hfprune.eval.perplexity`);
+  training reads a shuffled stream (a full permutation, or a buffer for a streamed dataset), so its
+  `skip_tokens` only makes it disjoint from the start of the corpus when `shuffle_buffer` is 1 (source order). Token
   offsets are compared with a margin (`OFFSET_MARGIN`), because evaluation and calibration separate
   documents with a blank line and training with EOS, so the same position can differ by a token per
   document.
@@ -94,6 +97,14 @@ def overlap_problems(recipe: Any) -> list[tuple[str, str]]:
     return problems
 
 
+def overlapping_sets(recipe: Any) -> frozenset[str]:
+    """The names of the evaluation sets that read calibration or training text (`overlap_problems`):
+    the cards publish their scores as measured on a `train` split (`hfprune.publish.results`)."""
+    flagged = {key for key, _ in overlap_problems(recipe)}
+    sets = enumerate(recipe.eval.perplexity)
+    return frozenset(spec.name for i, spec in sets if f"eval.perplexity.{i}.dataset" in flagged)
+
+
 def held_out_split(path: str, data_files: Any = None) -> str | None:
     """The split an evaluation set of dataset `path` defaults to: its held-out split where one is known.
 
@@ -118,8 +129,13 @@ def _training_read(train: Any) -> _Read:
 
 
 def _evaluation_read(index: int, spec: Any) -> _Read:
+    from hfprune.data.texts import STREAMED_READ_MULTIPLE
+
     start = getattr(spec, "skip_tokens", 0) or 0
-    stop = None if spec.max_windows is None else start + spec.max_windows * (spec.seq_len - 1)
+    # Capped windows are spread over the whole set; only a streamed set's read is bounded.
+    bounded = spec.max_windows is not None and spec.dataset.streaming
+    read = STREAMED_READ_MULTIPLE * (spec.max_windows or 0) * (spec.seq_len - 1)
+    stop = start + read if bounded else None
     return _Read(
         f"eval.perplexity.{index}.dataset", f"evaluation set {spec.name!r}", spec.dataset, start, stop
     )

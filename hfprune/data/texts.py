@@ -3,15 +3,24 @@
 Everything that reads a corpus goes through `iter_texts`, which wraps `datasets.load_dataset`
 (local `json`/`text` files work offline, `streaming` reads lazily) and adds the built-in corpora of
 `hfprune.data.corpora` (`hfprune:pydoc_topics`, `hfprune:python_stdlib`), text shipped with every interpreter.
+`permuted_texts` reads a dataset that is not streamed in a full random permutation of its documents
+(training, `hfprune.training.packing`), so that any prefix of it is a fair sample of the whole corpus.
+
+Token windows: calibration takes consecutive windows from the start (`calibration_tokens`); evaluation
+(`hfprune.eval.perplexity`) tokenizes the whole set with its document boundaries (`document_tokens`) and,
+when `max_windows` caps it, takes windows spread evenly over all of it (`spread_windows`): a streamed set
+is read up to `STREAMED_READ_MULTIPLE` x `max_windows` windows first and the windows spread over that.
 """
 
 from __future__ import annotations
 
+import bisect
 import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 
 from hfprune.errors import RunFailure
@@ -21,6 +30,9 @@ logger = logging.getLogger(__name__)
 
 BUILTIN_PREFIX = "hfprune:"
 DOCUMENT_SEPARATOR = "\n\n"
+# A streamed evaluation set capped at k windows is read up to this many times k windows' tokens, and the
+# k windows spread over that: a bounded read (a stream may be endless) that still reaches past its head.
+STREAMED_READ_MULTIPLE = 8
 
 
 class DatasetLike(Protocol):
@@ -45,8 +57,31 @@ def iter_texts(spec: DatasetLike) -> Iterator[str]:
     if spec.path.startswith(BUILTIN_PREFIX):
         yield from _builtin_texts(spec.path.removeprefix(BUILTIN_PREFIX), spec.split)
         return
-    from datasets.exceptions import DatasetsError
+    yield from _rows(spec, _text_dataset(spec))
 
+
+def permuted_texts(spec: DatasetLike, seed: int) -> Iterator[str]:
+    """The documents of a dataset that is not streamed, in a full random permutation of its rows by `seed`.
+
+    `datasets.Dataset.shuffle(seed=seed)` (numpy's `default_rng(seed).permutation` of the row indices);
+    the built-in corpora get the same permutation of their documents. Unlike a shuffle buffer, the first
+    documents come from the whole corpus, so any prefix is a fair sample of it. A streamed dataset has
+    no length to permute: it is a `DatasetError` (`hfprune.training.packing` uses a buffer for those).
+    """
+    if spec.streaming:
+        raise DatasetError(f"dataset {_where(spec)} is streamed: it cannot be permuted as a whole")
+    if spec.path.startswith(BUILTIN_PREFIX):
+        texts = list(_builtin_texts(spec.path.removeprefix(BUILTIN_PREFIX), spec.split))
+        for index in np.random.default_rng(seed).permutation(len(texts)):
+            yield texts[index]
+        return
+    dataset = _text_dataset(spec)
+    # In memory: the permutation is an index mapping, not a cache file written beside the dataset's.
+    yield from _rows(spec, dataset.shuffle(seed=seed, keep_in_memory=True))
+
+
+def _text_dataset(spec: DatasetLike) -> Any:
+    """The loaded dataset, checked to have the text column."""
     dataset = _load_dataset(spec)
     columns = dataset.column_names or []
     if columns and spec.text_field not in columns:
@@ -54,6 +89,13 @@ def iter_texts(spec: DatasetLike) -> Iterator[str]:
             f"dataset {_where(spec)} has no column {spec.text_field!r}; its columns are {', '.join(columns)} "
             "(set text_field)"
         )
+    return dataset
+
+
+def _rows(spec: DatasetLike, dataset: Any) -> Iterator[str]:
+    """The non-empty texts of `dataset`'s rows, in its order; bad records are `DatasetError`s."""
+    from datasets.exceptions import DatasetsError
+
     rows = iter(dataset)
     while True:
         try:
@@ -136,12 +178,24 @@ def _builtin_texts(name: str, split: str) -> Iterator[str]:
 
 def token_stream(spec: DatasetLike, tokenizer: Any, limit: int | None = None) -> list[int]:
     """Concatenated token ids of the documents, separated by blank lines, stopping after `limit` tokens."""
+    return document_tokens(spec, tokenizer, limit)[0]
+
+
+def document_tokens(
+    spec: DatasetLike, tokenizer: Any, limit: int | None = None
+) -> tuple[list[int], list[int]]:
+    """`token_stream`'s ids, and the offset in them where each document starts (its blank line is its own).
+
+    The boundaries are what lets evaluation count the documents its windows cover.
+    """
     ids: list[int] = []
+    starts: list[int] = []
     for text in iter_texts(spec):
+        starts.append(len(ids))
         ids.extend(tokenizer(text + DOCUMENT_SEPARATOR, add_special_tokens=False)["input_ids"])
         if limit is not None and len(ids) >= limit:
-            return ids[:limit]
-    return ids
+            return ids[:limit], starts
+    return ids, starts
 
 
 def calibration_tokens(spec: DatasetLike, tokenizer: Any, num_samples: int, seq_len: int) -> torch.Tensor:
@@ -174,3 +228,27 @@ def windows(ids: list[int], seq_len: int, bos: int | None, count: int | None = N
     if bos is not None:
         chunks = torch.cat([torch.full((count, 1), bos, dtype=torch.long), chunks], dim=1)
     return chunks
+
+
+def spread_windows(available: int, count: int | None) -> list[int]:
+    """Which of `available` non-overlapping windows to take: all of them when `count` is None or not
+    smaller, else `count` of them evenly spaced from the first to the last (window i of count k is
+    floor(i (n - 1) / (k - 1))), so a capped set represents its whole text, not its head."""
+    if count is None or count >= available:
+        return list(range(available))
+    if count == 1:
+        return [0]
+    return [i * (available - 1) // (count - 1) for i in range(count)]
+
+
+def documents_covered(starts: list[int], total: int, spans: list[tuple[int, int]]) -> int:
+    """How many documents (starting at `starts` in a stream of `total` tokens) the token ranges
+    `spans` ([start, stop)) touch."""
+    ends = [*starts[1:], total]
+    touched = set()
+    for first, stop in spans:
+        # The documents that start before `stop` and end after `first`.
+        low = bisect.bisect_right(ends, first)
+        high = bisect.bisect_left(starts, stop)
+        touched.update(range(low, high))
+    return len(touched)

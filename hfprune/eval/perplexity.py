@@ -5,6 +5,14 @@ that each open with BOS, and the mean next-token negative log-likelihood over ev
 is exponentiated. The protocol (window length, stride, number of windows and tokens, BOS) is
 returned beside the number, because perplexities are only comparable under the same protocol.
 
+When `max_windows` caps a set, the windows are spread evenly over its whole text (`evaluation_windows`,
+`hfprune.data.texts.spread_windows`), never its head: a set whose first documents differ from the rest
+would otherwise be scored on them alone. A streamed set is read up to `STREAMED_READ_MULTIPLE` x
+`max_windows` windows' tokens first, and the windows spread over that. The protocol records how the
+windows were chosen (`window_selection`: `all` or `spread`), the tokens they were chosen from
+(`tokens_read`, with `read_limit` for a bounded read of a streamed set), and how many documents they
+touch out of how many were read (`documents_covered`, `documents_total`).
+
 Each window's mean NLL is kept too (`window_nll`), with the standard error of the mean NLL over
 windows (`nll_se`): the report draws error bars from them, and two models scored on the same windows
 are compared window by window (paired differences, `hfprune.report.study`). A perplexity's 95%
@@ -22,7 +30,14 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from hfprune.data.texts import DatasetLike, token_stream, windows
+from hfprune.data.texts import (
+    STREAMED_READ_MULTIPLE,
+    DatasetLike,
+    document_tokens,
+    documents_covered,
+    spread_windows,
+    windows,
+)
 from hfprune.models.structure import module_device
 
 
@@ -45,6 +60,11 @@ class PerplexityResult:
     dataset: dict[str, Any]
     window_nll: tuple[float, ...] = ()
     nll_se: float | None = None
+    window_selection: str | None = None
+    tokens_read: int | None = None
+    read_limit: int | None = None
+    documents_covered: int | None = None
+    documents_total: int | None = None
 
     @property
     def interval_95(self) -> tuple[float, float] | None:
@@ -71,25 +91,60 @@ def standard_error(values: list[float] | tuple[float, ...]) -> float | None:
     return math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
 
 
+@dataclass(frozen=True)
+class WindowSelection:
+    """How `evaluation_windows` chose its windows, for the protocol (see the module docstring)."""
+
+    window_selection: str  # "all": every window of the text read; "spread": max_windows evenly spaced
+    tokens_read: int
+    read_limit: int | None  # a streamed set's bound on tokens read; None: the whole set was read
+    documents_covered: int
+    documents_total: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
 def evaluation_windows(
     spec: DatasetLike, tokenizer: Any, seq_len: int, max_windows: int | None
 ) -> tuple[torch.Tensor, bool]:
-    """The token windows a perplexity is computed on, and whether they open with BOS."""
+    """The token windows a perplexity is computed on, and whether they open with BOS.
+
+    The windows tensor carries its `WindowSelection` as the attribute `selection`, which `perplexity`
+    records in the protocol.
+    """
     bos = getattr(tokenizer, "bos_token_id", None)
     body = seq_len - (bos is not None)
-    limit = None if max_windows is None else max_windows * body
-    ids = token_stream(spec, tokenizer, limit=limit)
-    batch = windows(ids, seq_len, bos, max_windows)
-    if batch.shape[0] == 0:
+    streamed = bool(getattr(spec, "streaming", False))
+    limit = STREAMED_READ_MULTIPLE * max_windows * body if streamed and max_windows is not None else None
+    ids, starts = document_tokens(spec, tokenizer, limit=limit)
+    chosen = spread_windows(len(ids) // body, max_windows)
+    if not chosen:
         raise ValueError(f"evaluation dataset {spec.path!r} has fewer than {seq_len} tokens")
+    spans = [(i * body, (i + 1) * body) for i in chosen]
+    batch = windows([token for first, stop in spans for token in ids[first:stop]], seq_len, bos)
+    batch.selection = WindowSelection(  # type: ignore[attr-defined]
+        window_selection="all" if len(chosen) == len(ids) // body else "spread",
+        tokens_read=len(ids),
+        read_limit=limit,
+        documents_covered=documents_covered(starts, len(ids), spans),
+        documents_total=len(starts),
+    )
     return batch, bos is not None
 
 
 @torch.no_grad()
 def perplexity(
-    model: PreTrainedModel, batch: torch.Tensor, has_bos: bool, dataset: dict[str, Any], batch_size: int = 4
+    model: PreTrainedModel,
+    batch: torch.Tensor,
+    has_bos: bool,
+    dataset: dict[str, Any],
+    batch_size: int = 4,
+    selection: WindowSelection | None = None,
 ) -> PerplexityResult:
-    """Token-level perplexity of `model` over the windows in `batch` ([n, seq_len] token ids)."""
+    """Token-level perplexity of `model` over the windows in `batch` ([n, seq_len] token ids); the
+    protocol records `selection` (default: the one `evaluation_windows` attached to `batch`)."""
+    selection = selection or getattr(batch, "selection", None)
     was_training = model.training
     model.eval()
     device = module_device(model)
@@ -120,4 +175,5 @@ def perplexity(
         dataset=dataset,
         window_nll=tuple(round(v, WINDOW_NLL_DECIMALS) for v in window_nll),
         nll_se=standard_error(window_nll),
+        **(selection.to_dict() if selection else {}),
     )

@@ -7,7 +7,8 @@ model of the run side by side; related models; how to load it; the command and r
 reproduce it), so the prose lives in the templates and this module only gathers data. Front matter goes through
 `ModelCardData`: `base_model` only for kinds made from the parent's weights (never for the
 random-init twin), the kind's tags, the parent's license, Hub datasets, and `model-index` with this
-model's scores so the Hub renders them. The results table is `hfprune.publish.results`.
+model's scores so the Hub renders them, each perplexity set's `split` naming its role (held out or not:
+`hfprune.checks.heldout`). The results table is `hfprune.publish.results`.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from huggingface_hub import ModelCard, ModelCardData
 
 from hfprune import kinds
 from hfprune.callbacks.token_budget import PAPER_TRAINING_DEFAULTS
+from hfprune.checks.heldout import overlapping_sets
 from hfprune.errors import RunFailure
 from hfprune.hub import published_kinds, repo_id_for
 from hfprune.outputs import write_text
@@ -96,7 +98,7 @@ def render_card(
         recovery=_recovery_context(kind, recipe),
         data=_data_context(recipe, report),
         **_pruning_context(report),
-        **results_context(metrics, kind),
+        **results_context(metrics, kind, overlapping_sets(recipe)),
         training=training,
         train=recipe.train.model_dump(mode="json") if recipe.train else None,
         optim={**PAPER_TRAINING_DEFAULTS, **recipe.train.args} if recipe.train else None,
@@ -177,7 +179,7 @@ def card_data(
         tags=["hfprune", method, f"{granularity}-pruning", *spec.tags],
         datasets=list(dict.fromkeys(s.path for s in sources if is_hub_dataset(s.path))) or None,
         model_name=card_repo_id(recipe, kind).split("/")[-1],
-        eval_results=eval_results(scores) or None,
+        eval_results=eval_results(scores, overlapping_sets(recipe)) or None,
     )
 
 

@@ -18,7 +18,15 @@ class PerplexitySpec(Strict):
     name: str
     dataset: DatasetSpec
     seq_len: int = Field(default=512, gt=1)
-    max_windows: int | None = Field(default=64, gt=0)
+    max_windows: int | None = Field(
+        default=64, gt=0, description="at most this many windows, spread evenly over the whole set"
+    )
+    window_selection: Literal["spread"] = Field(
+        default="spread",
+        description="how max_windows picks windows: evenly spaced over the whole text (a streamed set: over "
+        "its first hfprune.data.texts.STREAMED_READ_MULTIPLE x max_windows windows); part of the "
+        "evaluation's fingerprint, so scores measured on a set's head, before it existed, are not current",
+    )
 
     @model_validator(mode="before")
     @classmethod

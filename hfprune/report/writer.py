@@ -41,7 +41,8 @@ def _params(row: RunRow) -> str:
 
 
 def describe_protocol(protocol: dict[str, Any]) -> str:
-    """The evaluation protocol in words, from a perplexity result's `protocol` record."""
+    """The evaluation protocol in words, from a perplexity result's `protocol` record, with the documents
+    its windows cover (`hfprune.eval.perplexity`) where the record has them."""
     if not protocol:
         return "protocol recorded in each run's metrics.json"
     dataset = protocol.get("dataset", {})
@@ -49,9 +50,18 @@ def describe_protocol(protocol: dict[str, Any]) -> str:
     split = f", split {dataset['split']}" if dataset.get("split") else ""
     return (
         f"`{source}`{split}: {protocol.get('windows', '?')} windows of {protocol.get('seq_len', '?')} tokens "
+    covered = ""
+    if protocol.get("documents_total") is not None:
+        how = "spread over" if protocol.get("window_selection") == "spread" else "covering"
+        limit = protocol.get("read_limit")
+        read = f" of the first {limit:,} tokens read" if limit else ""
+        covered = (
+            f", {how} {protocol['documents_covered']:,} of {protocol['documents_total']:,} documents{read}"
+        )
         f"({protocol.get('tokens', '?')} scored tokens){', BOS prepended' if protocol.get('bos') else ''}"
     )
 
+        f"{covered}"
 
 def finding_lines(rows: list[RunRow]) -> list[str]:
     """Finding 1 of the study, checked per budget: does the pruned start beat random init, and by how much."""
