@@ -24,7 +24,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from hfprune._faults import ENV
 from hfprune.checks.preflight import preflight
 from hfprune.cli import main
-from hfprune.data.texts import iter_texts
+from hfprune.data.texts import iter_texts, permuted_texts
 from hfprune.hub import load_parent_config
 from hfprune.models.twin import scratch_twin_from_folder
 from hfprune.outputs import _TEMPORARY
@@ -35,7 +35,7 @@ from hfprune.recipe.schema import load_recipe
 from hfprune.seeds import Role, role_seed
 from hfprune.sweep.grid import load_sweep
 from hfprune.training.pretrain import initial_parent, planned_parent_config, pretrain_fingerprint, work_root
-from hfprune.training.tokenizer import TokenizerError, corpus_head, train_bpe
+from hfprune.training.tokenizer import TOKENIZER_ORDER_SEED, TokenizerError, corpus_head, train_bpe
 
 
 VOCAB = 320
@@ -192,10 +192,12 @@ def test_the_parent_starts_from_other_weights_than_the_scratch_twin(pretrained):
     assert not any(torch.equal(start[name], twin[name]) for name in matrices)
 
 
-def test_the_tokenizer_reads_the_head_of_the_corpus_in_file_order():
+def test_the_tokenizer_reads_the_head_of_a_fixed_permutation_of_the_corpus():
     dataset = default_dataset("train")
     head = list(corpus_head(dataset, 5000))
-    assert sum(map(len, head)) == 5000 and "".join(head) == "".join(iter_texts(dataset))[:5000]
+    permuted = "".join(permuted_texts(dataset, TOKENIZER_ORDER_SEED))
+    assert sum(map(len, head)) == 5000 and "".join(head) == permuted[:5000]
+    assert "".join(head) != "".join(iter_texts(dataset))[:5000]  # a fair sample, not the first documents
     first, second = train_bpe(iter(head), 300), train_bpe(iter(head), 300)
     assert len(first) == 300 and first.get_vocab() == second.get_vocab()
     with pytest.raises(TokenizerError, match="lower vocab_size or raise train_chars"):

@@ -215,13 +215,16 @@ train:
 """
 
 
-def test_the_quickstart_fingerprints_are_those_of_the_release_before_the_study_settings():
-    # Computed with the code of commit 33a7347, before parent.pretrain, parent.pretrained_tokens and
-    # train.schedule existed: a finished quickstart run must stay current.
+def test_the_quickstart_fingerprints_are_pinned():
+    # The pruning inputs are those of commit 33a7347, before parent.pretrain, parent.pretrained_tokens and
+    # train.schedule existed: a finished quickstart prune stays current. Training and evaluation changed
+    # since, on purpose: training reads a full permutation of its dataset (`train.shuffle_buffer` unset,
+    # was a 1,000-document buffer) and capped evaluation windows are spread over the whole set
+    # (`window_selection`, was the head), so their earlier results are no longer current.
     recipe = load_recipe(Path(__file__).parents[1] / "recipes" / "quickstart.yaml")
-    assert recipe.fingerprint("train") == "726b69b0c5666a86"
+    assert recipe.fingerprint("train") == "a25c5aba9f8f39bb"  # 726b69b0c5666a86 with the buffer
     assert recipe.fingerprint("parent", "prune", "calibration", "seed") == "d1334e8bbcb43326"
-    assert recipe.fingerprint("parent", "eval") == "1d72482838c988cc"
+    assert recipe.fingerprint("parent", "eval") == "3dd4fdad7ff96cb4"  # 1d72482838c988cc with the head
 
 
 def test_unset_recovery_settings_leave_the_train_fingerprint_as_before(write_recipe):

@@ -76,7 +76,12 @@ class TokenTraining(Strict):
     dataset: DatasetSpec = Field(default_factory=lambda: default_dataset("train"))
     seq_len: int = Field(default=512, gt=1)
     skip_tokens: int = Field(default=0, ge=0, description="start the stream after this many tokens")
-    shuffle_buffer: int = Field(default=1000, gt=0)
+    shuffle_buffer: int | None = Field(
+        default=None,
+        gt=0,
+        description="documents in a shuffle buffer (1: the source order); unset, a dataset that is not "
+        "streamed is permuted as a whole per seed and a streamed one gets a 1000-document buffer",
+    )
     warmup_ratio: float = Field(default=0.05, ge=0, lt=1)
     min_lr_ratio: float = Field(default=0.1, ge=0, le=1)
     schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
@@ -104,7 +109,8 @@ class TokenTraining(Strict):
 class TokenizerSpec(Strict):
     """The tokenizer of a pretrained-here parent: an existing one (`from`), or a byte-level BPE of
     `vocab_size` trained with the `tokenizers` library on the first `train_chars` characters of the
-    pretraining dataset (the same documents, in file order, whatever the seed)."""
+    pretraining dataset in a fixed permutation (the same documents whatever the seed, a fair sample of
+    the corpus: `hfprune.training.tokenizer`)."""
 
     # Written back as `from`, so the resolved recipe.yaml loads again.
     model_config = ConfigDict(**Strict.model_config, serialize_by_alias=True)

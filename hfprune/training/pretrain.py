@@ -44,6 +44,7 @@ from hfprune.outputs import (
     write_text,
 )
 from hfprune.seeds import Role, role_seed
+from hfprune.training.packing import shuffle_buffer_of
 from hfprune.training.tokenizer import TokenIds, parent_tokenizer, planned_token_ids, token_ids
 
 
@@ -183,7 +184,7 @@ def _work_tokenizer(spec: Any, work_dir: Path) -> Any:
 
     saved = work_dir / "tokenizer"
     if distributed.is_main_process() and not saved.is_dir():
-        tokenizer = parent_tokenizer(spec.tokenizer, spec.dataset)
+        tokenizer = parent_tokenizer(spec.tokenizer, spec.dataset, shuffle_buffer_of(spec))
         with atomic_dir(saved) as tmp:
             tokenizer.save_pretrained(tmp)
     distributed.barrier()
@@ -204,7 +205,7 @@ def parent_card(recipe: Any, record: dict[str, Any], params: int) -> str:
         f"`{spec.tokenizer.from_}`"
         if spec.tokenizer.from_
         else f"a byte-level BPE of {spec.tokenizer.vocab_size} tokens trained on the first "
-        f"{spec.tokenizer.train_chars:,} characters of the same dataset"
+        f"{spec.tokenizer.train_chars:,} characters of the same dataset in a fixed shuffled order"
     )
     shape = ", ".join(f"{key} {value}" for key, value in spec.config.items())
     return (

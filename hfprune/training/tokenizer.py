@@ -2,9 +2,11 @@
 
 Either an existing tokenizer (`from`: a Hub repo id or a local folder), or a byte-level BPE of
 `vocab_size` tokens trained with the `tokenizers` library on the first `train_chars` characters of the
-pretraining dataset, read through `hfprune.data.texts.iter_texts` in the dataset's own order (never shuffled,
-so the tokenizer does not depend on the seed). The trained tokenizer behaves as the rest of hfprune
-expects of a Llama tokenizer:
+pretraining dataset in one fixed order (`corpus_head`): a full permutation by `TOKENIZER_ORDER_SEED` for a
+dataset that is not streamed, so the text is a fair sample of the whole corpus, not its first files; a
+streamed one through the pretraining's shuffle buffer (`hfprune.training.packing`). The order does not
+depend on the run's seed, so neither does the tokenizer. The trained tokenizer behaves as the rest of
+hfprune expects of a Llama tokenizer:
 
 - `tokenizer(text)` opens with BOS and adds no EOS; with `add_special_tokens=False` (packing, calibration,
   evaluation windows) it adds nothing, and the windows put BOS in front themselves (`hfprune.data.texts.windows`);
@@ -21,12 +23,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from hfprune.data.texts import DatasetLike, iter_texts
+from hfprune.data.texts import DatasetLike
 from hfprune.errors import RunFailure
+from hfprune.training.packing import DEFAULT_SHUFFLE_BUFFER, ordered_texts
 
 
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
 SPECIAL_TOKENS = (BOS, EOS, PAD)  # in id order: trained BPE vocabularies start with them
+TOKENIZER_ORDER_SEED = 0  # one document order for every run seed: the tokenizer does not depend on it
 
 
 class TokenizerError(RunFailure, ValueError):
@@ -43,10 +47,13 @@ class TokenIds:
     pad_token_id: int | None
 
 
-def corpus_head(dataset: DatasetLike, chars: int) -> Iterator[str]:
-    """The dataset's documents in their own order, cut off after `chars` characters in all."""
+def corpus_head(dataset: DatasetLike, chars: int, shuffle_buffer: int | None = None) -> Iterator[str]:
+    """The dataset's documents in the tokenizer's order (see the module docstring), cut off after `chars`
+    characters in all; `shuffle_buffer` as the pretraining's (`hfprune.training.packing.shuffle_buffer_of`)."""
+    if shuffle_buffer is None and dataset.streaming:
+        shuffle_buffer = DEFAULT_SHUFFLE_BUFFER
     left = chars
-    for text in iter_texts(dataset):
+    for text in ordered_texts(dataset, shuffle_buffer, TOKENIZER_ORDER_SEED):
         yield text[:left]
         left -= len(text)
         if left <= 0:
@@ -101,11 +108,11 @@ def load_tokenizer(source: str) -> Any:
     return tokenizer
 
 
-def parent_tokenizer(spec: Any, dataset: DatasetLike) -> Any:
-    """The tokenizer `spec` (a `TokenizerSpec`) describes: loaded, or trained on `dataset`'s head."""
+def parent_tokenizer(spec: Any, dataset: DatasetLike, shuffle_buffer: int | None = None) -> Any:
+    """The tokenizer `spec` (a `TokenizerSpec`) describes: loaded, or trained on `corpus_head(dataset)`."""
     if spec.from_ is not None:
         return load_tokenizer(spec.from_)
-    return train_bpe(corpus_head(dataset, spec.train_chars), spec.vocab_size)
+    return train_bpe(corpus_head(dataset, spec.train_chars, shuffle_buffer), spec.vocab_size)
 
 
 def token_ids(tokenizer: Any) -> TokenIds:

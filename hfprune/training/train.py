@@ -42,7 +42,7 @@ from hfprune.training.checkpoints import (
     quiet_empty_epoch,
     spent_budget,
 )
-from hfprune.training.packing import PackedTokenStream, training_stream
+from hfprune.training.packing import PackedTokenStream, describe_order, training_stream
 
 
 logger = logging.getLogger(__name__)
@@ -61,6 +61,7 @@ class TrainOutcome:
     steps: int
     resumed_from: str | None
     seconds: float
+    data_order: str  # the document shuffle, in words (`hfprune.training.packing.describe_order`)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -211,9 +212,8 @@ def train_model(
     schedule: Mapping[str, Any] | None = None,
     resume_from: Path | None = None,
 ) -> tuple[PruneTrainer, TrainOutcome]:
-    """Train `model` on `spec.token_budget` tokens, resuming from `work_dir` when a checkpoint is there.
-    `train_loss` replaces the loss on training micro-batches (`DistillationLoss`), tokens count alike; for
-    `hfprune.training.branches`, `schedule` replaces the run's own and `resume_from` starts a work dir without one."""
+    """Train `model` on `spec.token_budget` tokens, resuming from a checkpoint in `work_dir`; `train_loss` replaces
+    the micro-batch loss (`DistillationLoss`); `schedule`, `resume_from`: see `hfprune.training.branches`."""
     check_positions(model, spec.seq_len)
     args, tokens_per_step = training_arguments(spec, seed, work_dir, schedule)
     stream = training_stream(spec, tokenizer, seed)
@@ -244,6 +244,7 @@ def train_model(
         steps=trainer.state.global_step,
         resumed_from=resume.name if resume else None,
         seconds=round(time.perf_counter() - start, 3),
+        data_order=describe_order(stream.shuffle_buffer),
     )
     logger.info("%s: trained on %d tokens in %d steps", run, outcome.tokens_trained, outcome.steps)
     return trainer, outcome
