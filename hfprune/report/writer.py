@@ -48,8 +48,6 @@ def describe_protocol(protocol: dict[str, Any]) -> str:
     dataset = protocol.get("dataset", {})
     source = dataset.get("data_files") or dataset.get("path", "?")
     split = f", split {dataset['split']}" if dataset.get("split") else ""
-    return (
-        f"`{source}`{split}: {protocol.get('windows', '?')} windows of {protocol.get('seq_len', '?')} tokens "
     covered = ""
     if protocol.get("documents_total") is not None:
         how = "spread over" if protocol.get("window_selection") == "spread" else "covering"
@@ -58,10 +56,12 @@ def describe_protocol(protocol: dict[str, Any]) -> str:
         covered = (
             f", {how} {protocol['documents_covered']:,} of {protocol['documents_total']:,} documents{read}"
         )
+    return (
+        f"`{source}`{split}: {protocol.get('windows', '?')} windows of {protocol.get('seq_len', '?')} tokens "
         f"({protocol.get('tokens', '?')} scored tokens){', BOS prepended' if protocol.get('bos') else ''}"
+        f"{covered}"
     )
 
-        f"{covered}"
 
 def finding_lines(rows: list[RunRow]) -> list[str]:
     """Finding 1 of the study, checked per budget: does the pruned start beat random init, and by how much."""
