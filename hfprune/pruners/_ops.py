@@ -35,30 +35,16 @@ def drop_layers(model: PreTrainedModel, keep: Sequence[int]) -> PreTrainedModel:
     return model
 
 
-def select_layers(model: PreTrainedModel, indices: Sequence[int]) -> dict[str, Any]:
-    """Keep the decoder layers at `indices` (no copies) and cut the per-layer config lists to match.
-
-    Returns what it replaced (the layer list and config values), for `restore_layers`.
-    """
+def select_layers(model: PreTrainedModel, indices: Sequence[int]) -> None:
+    """Keep the decoder layers at `indices` (no copies) and cut the per-layer config lists to match."""
     spec, config = architecture_of(model.config), model.config
     layers = spec.decoder_layers(model)
-    saved = {"layers": layers, "num_hidden_layers": config.num_hidden_layers}
     spec.set_decoder_layers(model, nn.ModuleList(layers[i] for i in indices))
     config.num_hidden_layers = len(indices)
     for key in spec.per_layer_keys:
         values = getattr(config, key, None)
         if values:
-            saved[key] = values
             setattr(config, key, [values[i] for i in indices])
-    return saved
-
-
-def restore_layers(model: PreTrainedModel, saved: dict[str, Any]) -> None:
-    """Undo `select_layers`: put back the layer list and the config values it replaced."""
-    architecture_of(model.config).set_decoder_layers(model, saved["layers"])
-    for key, value in saved.items():
-        if key != "layers":
-            setattr(model.config, key, value)
 
 
 def _index(indices: Sequence[int] | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
