@@ -34,7 +34,7 @@ PUBLIC = {
     "run": "hfprune.pipeline.runner",
     "get_pruner": "hfprune.pruners",
 }
-PUBLIC |= {"METHODS": "hfprune.pruners"}
+PUBLIC |= {"METHODS": "hfprune.pruners", "build_pruner": "hfprune.pruners"}
 # Declared but not imported by hfprune/, and why.
 NOT_IMPORTED = {
     "accelerate": "transformers.Trainer needs it",
