@@ -18,7 +18,6 @@ from hfprune.models.placement import (
     PlacementError,
     describe,
     fits,
-    is_offloaded,
     onloaded,
     place,
     remove_offload,
@@ -151,8 +150,7 @@ def test_offloaded_layers_are_brought_on_one_at_a_time_and_give_the_same_logits(
     parent, batch = tiny_model(num_hidden_layers=3), ids(2)
     model = copy.deepcopy(parent)
     offloaded = place(model, CPU, stage="parent", free=0)  # pretend the device is full
-    assert offloaded.offloaded and all(is_offloaded(layer) for layer in model.model.layers)
-    assert describe(model) == "cpu, float32, decoder layers offloaded to cpu"
+    assert offloaded.offloaded and describe(model) == "cpu, float32, decoder layers offloaded to cpu"
     with torch.no_grad():
         torch.testing.assert_close(model(batch).logits, parent(batch).logits, rtol=0, atol=0)
     assert moves == [(0, "on"), (0, "home"), (1, "on"), (1, "home"), (2, "on"), (2, "home")]
@@ -161,10 +159,14 @@ def test_offloaded_layers_are_brought_on_one_at_a_time_and_give_the_same_logits(
         model(batch)
     assert moves == [(1, "on"), (0, "on"), (0, "home"), (2, "on"), (2, "home"), (1, "home")]  # 1 pinned
     remove_offload(model)
-    assert not any(is_offloaded(layer) for layer in model.model.layers)
+    assert describe(model) == "cpu, float32"
     assert not any(module._forward_hooks or module._forward_pre_hooks for module in model.modules())
+    moves.clear()
+    with torch.no_grad():
+        model(batch)
+    assert moves == []  # no hook left to bring a layer on
     place(model, CPU, free=0)
-    assert place(model, CPU).offloaded is False and not is_offloaded(model.model.layers[0])
+    assert place(model, CPU).offloaded is False and describe(model) == "cpu, float32"
 
 
 @pytest.mark.parametrize("method", ["shortgpt", "minitron_depth", "flap", "wanda", "sparsegpt"])
@@ -205,3 +207,22 @@ def test_an_8b_shaped_parent_is_pruned_on_meta_to_the_planned_shape():
         result.model.config.hidden_size,
         result.model.config.intermediate_size,
     )
+
+
+def test_a_deep_copy_of_an_offloaded_model_carries_its_own_hooks(moves):
+    """A distillation teacher cast to the training dtype is a deep copy of a possibly offloaded parent."""
+    model, batch = tiny_model(num_hidden_layers=2), ids(2)
+    place(model, CPU, stage="parent", free=0)
+    twin = copy.deepcopy(model)
+    remove_offload(model)
+    assert describe(model) == "cpu, float32"
+    assert describe(twin) == "cpu, float32, decoder layers offloaded to cpu"
+    with torch.no_grad():
+        twin(batch)
+    # The copy's device objects are copies too, so the spy cannot tell its "on" from "home" by identity.
+    assert [layer for layer, _ in moves] == [0, 0, 1, 1]
+    moves.clear()
+    remove_offload(twin)
+    with torch.no_grad():
+        twin(batch)
+    assert moves == []

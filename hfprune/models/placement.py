@@ -252,10 +252,6 @@ def remove_offload(model: nn.Module) -> None:
                 del hooks[key]
 
 
-def is_offloaded(module: nn.Module) -> bool:
-    return _offload_state(module) is not None
-
-
 @contextlib.contextmanager
 def onloaded(layer: nn.Module) -> Iterator[None]:
     """Keep an offloaded layer on its device for the whole block (a no-op for a layer that is not)."""
