@@ -1,7 +1,8 @@
 """Seed streams: one independent seed per role, derived from the recipe's `seed`.
 
 Every random choice of a run belongs to a role: the initialisation of a parent hfprune pretrains itself,
-the initialisation of the random-init twins, LoRA adapters, and the order in which documents are read.
+the initialisation of the random-init twins, LoRA adapters, the sweep's control (the parent's shape
+trained again from another initialisation), and the order in which documents are read.
 With one seed for all of them, a twin initialised from the recipe seed is byte-identical to the initial
 weights of a parent pretrained from the same seed, and the comparison "pruned vs random init" would then
 compare a model with its own starting point. `role_seed(seed, role)` gives each role its own stream.
@@ -23,6 +24,7 @@ class Role(StrEnum):
     PARENT_INIT = "parent_init"  # the random weights a pretrained-here parent starts from
     TWIN_INIT = "twin_init"  # the random-init (scratch) twins
     ADAPTER_INIT = "adapter_init"  # LoRA adapters
+    CONTROL_INIT = "control_init"  # the sweep's control: the parent's shape from another initialisation
 
 
 def role_seed(seed: int, role: Role) -> int:

@@ -1,5 +1,9 @@
 """`hfprune sweep --dry-run`: the grid from configs alone, per cell its shape, parameters, budget, status.
 
+With `sweep.seed` the plan lists the seed replicates (each seed's parent folder and cells, every cell
+row its seed), and with `sweep.control` each seed's control (`hfprune.sweep.control`): its init seed,
+parent, token budget P, schedule and status.
+
 Each cell's row lists its trained kinds with their token budget and study setting (1: the budget of the
 sweep; 2: the whole pipeline's, parent pretraining included). With `train.schedule.type: wsd` the plan
 adds the branch plan (`hfprune.training.schedules.BranchPlan`): per stable run, its warmup, stable steps, each
@@ -9,7 +13,9 @@ training every budget from the start.
 Reads no weights, and each parent's config once (`hub.load_parent_config` keeps it): each cell's plan
 comes from `pipeline.describe_plan` with the pipeline `hfprune sweep` runs for the cell (its shared
 providers, every stage but the push), so its status (finished, partial, to run) is what `hfprune sweep`
-would find; with the preflight's memory and time plans (`hfprune.plan.check`), each cell's peaks too.
+would find; with the preflight's memory, disk and time plans (`hfprune.plan.check`), each cell's peaks
+and the disk its remaining stages need, and the disk all cells still to run need together (per file
+system, against its free space: what the sweep is refused on).
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from typing import Any
 from hfprune import kinds
 from hfprune.pipeline.runner import Pipeline, describe_plan
 from hfprune.plan.check import peaks
+from hfprune.plan.disk import size
 from hfprune.plan.hardware import GIB
 from hfprune.pruners import get_method
 from hfprune.pruners.options import Granularity
@@ -40,10 +47,11 @@ BRANCHED = "a decay branch of its model's stable run (train.schedule.type: wsd; 
 
 
 def describe_sweep(
-    sweep: Sweep, only: Iterable[str] = (), plans: dict[Any, Any] | None = None
+    sweep: Sweep, only: Iterable[str] = (), plans: dict[Any, Any] | None = None, disk: Iterable[Any] = ()
 ) -> dict[str, Any]:
     """The grid from configs alone: per cell its shape, parameter counts, budget and status, and with
-    `plans` (`hfprune.plan.estimate.Plan` by cell id, from preflight) its memory and time plan."""
+    `plans` (`hfprune.plan.estimate.Plan` by cell id, from preflight) its memory, disk and time plan;
+    `disk` (`hfprune.plan.disk.DiskNeed`s) is what the cells still to run need together."""
     cells = sweep.select(only)
     shared = SharedWork(sweep)
     memory = plans or {}
@@ -68,8 +76,45 @@ def describe_sweep(
         row = _row(cell, plans[cell.id], shared_with, smallest)
         rows.append({**row, "peaks": peaks(memory[cell.id]) if cell.id in memory else None})
     branch_plans = describe_branches(cells, plans)
-    described = {"sweep": sweep.name, "output_dir": str(sweep.output_path), "cells": rows}
+    described = {
+        "sweep": sweep.name,
+        "output_dir": str(sweep.output_path),
+        "seeds": seed_plan(sweep, cells),
+        "controls": [describe_control(c) for c in sweep.controls if c.seed in {x.seed for x in cells}],
+        "cells": rows,
+    }
+    described["disk"] = [need.to_dict() for need in disk]
     return {**described, "branch_plans": branch_plans} if branch_plans else described
+
+
+def seed_plan(sweep: Sweep, cells: list[Cell]) -> list[dict[str, Any]]:
+    """Per seed replicate: its parent folder and the cells it replays (the whole pipeline, seeded)."""
+    plan = []
+    for seed in sweep.seeds:
+        mine = [cell for cell in cells if cell.seed == seed]
+        if mine:
+            parent = mine[0].recipe.parent.model
+            plan.append({"seed": seed, "parent": parent, "cells": len(mine), "methods": _methods(mine)})
+    return plan
+
+
+def _methods(cells: list[Cell]) -> list[str]:
+    return list(dict.fromkeys(cell.method for cell in cells))
+
+
+def describe_control(control: Control) -> dict[str, Any]:
+    """The control of one seed: the parent's shape from scratch on its P tokens, with the twins' train."""
+    spec = control_spec(control)
+    return {
+        "control": control.id,
+        "seed": control.seed,
+        "init_seed": role_seed(control.seed, Role.CONTROL_INIT),
+        "output_dir": str(control.output_path),
+        "parent": control.recipe.parent.model,
+        "token_budget": spec.token_budget,
+        "schedule": spec.schedule.type,
+        "status": control_status(control),
+    }
 
 
 def _row(cell: Cell, plan: dict[str, Any], shared_with: list[str], smallest: int | None) -> dict[str, Any]:
@@ -78,6 +123,7 @@ def _row(cell: Cell, plan: dict[str, Any], shared_with: list[str], smallest: int
     status = "finished" if states == {"up to date"} else "partial" if "up to date" in states else "to run"
     return {
         "cell": cell.id,
+        "seed": cell.seed,
         "method": cell.method,
         "ratio": cell.ratio,
         "ratio_achieved": plan["ratio"]["achieved"],
@@ -162,9 +208,10 @@ def format_plan(plan: dict[str, Any]) -> str:
         f"sweep {plan['sweep']}: {len(plan['cells'])} cell(s) under {plan['output_dir']}",
         (
             "| cell | status | shape | params (pruned, non-embedding) | ratio achieved | tokens "
-            "| trained: kind tokens (setting) | scratch shared with | peak device | peak host | stage time |"
+            "| trained: kind tokens (setting) | scratch shared with | peak device | peak host | disk to use "
+            "| stage time |"
         ),
-        "|---|---|---|---:|---:|---:|---|---|---:|---:|---:|",
+        "|---|---|---|---:|---:|---:|---|---|---:|---:|---:|---:|",
     ]
     for row in plan["cells"]:
         shape = ", ".join(f"{k}={v}" for k, v in row["target_shape"].items()) or "parent shape, masked"
@@ -178,9 +225,46 @@ def format_plan(plan: dict[str, Any]) -> str:
             f"{', '.join(row['scratch_shared_with']) or '-'} | "
             f"{_peaks(row.get('peaks'))} |"
         )
+    lines += [
+        f"Disk: the cells still to run need {size(need['need_bytes'])} on the disk of {need['folder']} "
+        f"({size(need['free_bytes'])} free{'' if need['fits'] else ': DOES NOT FIT'})."
+        for need in plan.get("disk", [])
+    ]
     if any(row["budget"] == NO_CONTINUATION for row in plan["cells"]):
         lines.append(f"Budgets above the smallest: each cell {NO_CONTINUATION}.")
+    lines += _seed_lines(plan.get("seeds", [])) + _control_lines(plan.get("controls", []))
     return "\n".join(lines + _branch_lines(plan.get("branch_plans", [])))
+
+
+def _seed_lines(seeds: list[dict[str, Any]]) -> list[str]:
+    """The seed replicates: each replays the whole pipeline (parent, data order, initialisations)."""
+    if len(seeds) < 2:
+        return []
+    lines = ["", f"Seed replicates: {len(seeds)}, each with its own parent, data order and initialisations."]
+    lines += ["| seed | parent | cells | methods |", "|---:|---|---:|---|"]
+    lines += [f"| {s['seed']} | {s['parent']} | {s['cells']} | {', '.join(s['methods'])} |" for s in seeds]
+    return lines
+
+
+def _control_lines(controls: list[dict[str, Any]]) -> list[str]:
+    """The controls (`sweep.control`): the parent's shape from scratch on its own P tokens, per seed."""
+    if not controls:
+        return []
+    lines = [
+        "",
+        (
+            "Controls (sweep.control): the parent's shape trained from scratch (another init seed) on the "
+            "parent's pretraining tokens through the train stage; the report compares each with its parent."
+        ),
+        "| control | seed | init seed | parent | tokens | schedule | status |",
+        "|---|---:|---:|---|---:|---|---|",
+    ]
+    lines += [
+        f"| {c['control']} | {c['seed']} | {c['init_seed']} | {c['parent']} | {c['token_budget']} | "
+        f"{c['schedule']} | {c['status']} |"
+        for c in controls
+    ]
+    return lines
 
 
 def _branch_lines(branch_plans: list[dict[str, Any]]) -> list[str]:
@@ -217,8 +301,9 @@ def _branch_lines(branch_plans: list[dict[str, Any]]) -> list[str]:
 def _peaks(peak: dict[str, Any] | None) -> str:
     """A cell's largest device and host estimates and its summed stage time, as three table cells."""
     if peak is None:
-        return "- | - | -"
+        return "- | - | - | -"
+    disk = "-" if peak.get("disk_bytes") is None else size(peak["disk_bytes"])
     device = "-" if peak["device_bytes"] is None else f"{peak['device_bytes'] / GIB:.1f} GiB"
     seconds = peak["seconds"]
     time = "-" if seconds is None else f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds:.0f} s"
-    return f"{device} | {peak['host_bytes'] / GIB:.1f} GiB | {time}"
+    return f"{device} | {peak['host_bytes'] / GIB:.1f} GiB | {disk} | {time}"

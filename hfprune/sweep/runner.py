@@ -26,6 +26,11 @@ the sweep costs about the largest budget plus the decays, and `--dry-run` prints
 After the cells, the sweep writes `hfprune report` into its folder and embeds the plots in every
 cell's model cards before any push. Finished cells are skipped on rerun (each cell's stage ledger);
 `--only method=wanda,ratio=0.5` runs a subset, so a CI matrix can fan a sweep out.
+
+Seed replicates (`sweep.seed`) are cells like any other: every shared provider keys on the seed too (the
+parent by its section, which names the seed's folder; scores, twins and stable runs by fingerprints
+that hold the seed), so nothing crosses from one replicate to another. With `sweep.control: true` the
+control of each seed (`hfprune.sweep.control`) runs after the selected cells of that seed.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ from transformers import PreTrainedModel
 
 from hfprune import distributed, kinds
 from hfprune.failures import translate_oom
+from hfprune.hub import Parent
 from hfprune.outputs import atomic_dir, output_lock, read_json, remove_stale_temporaries
 from hfprune.pipeline.providers import (
     FreshScores,
@@ -60,7 +66,8 @@ from hfprune.pipeline.stages.base import Context
 from hfprune.pipeline.workspace import Workspace
 from hfprune.pruners.base import Pruner
 from hfprune.recipe.schema import Recipe
-from hfprune.report.runs import write_report
+from hfprune.report.writer import write_report
+from hfprune.sweep.control import control_status, run_control
 from hfprune.sweep.grid import Cell, Sweep
 from hfprune.training.schedules import stable_group
 
@@ -74,10 +81,22 @@ PUBLISHING = ("card", "push")
 
 
 class SharedParent(LoadedParent):
-    """One parent for every cell (they all have the base recipe's parent section), never copied: a prune
-    takes it (in place, as a single run does) and the next cell that needs it reloads it from disk, so
-    the sweep holds one parent at a time. Its evaluation and the scores are shared across cells all the
-    same (siblings' metrics, `SharedScores`); the scores are computed before the prune takes it."""
+    """One parent for every cell of a seed (they all have the base recipe's parent section), never copied:
+    a prune takes it (in place, as a single run does) and the next cell that needs it reloads it from
+    disk, so the sweep holds one parent at a time. Its evaluation and the scores are shared across cells
+    all the same (siblings' metrics, `SharedScores`); the scores are computed before the prune takes it.
+    Seed replicates have a parent each (`parent.model` per seed): a cell of another parent section drops
+    the one held and loads its own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._section: str | None = None
+
+    def get(self, recipe: Recipe) -> Parent:
+        section = recipe.fingerprint("parent", "seed")
+        if section != self._section:
+            self._parent, self._section = None, section
+        return super().get(recipe)
 
 
 class SharedScores(FreshScores):
@@ -267,6 +286,11 @@ def run_sweep(sweep: Sweep, only: Iterable[str] = (), *, force: bool = False) ->
         pipeline = Pipeline(cell.recipe, providers=shared.providers(cell), force=force, skip=("push",))
         outcome = pipeline.execute()
         (summary.ran if any(o.ran for o in outcome.outcomes) else summary.up_to_date).append(cell.id)
+    # The control of every seed whose cells ran here (`sweep.control`): after them, so the seed's
+    # parent exists and is out of memory.
+    for control in [c for c in sweep.controls if c.seed in {cell.seed for cell in cells}]:
+        (summary.up_to_date if control_status(control) == "finished" else summary.ran).append(control.id)
+        run_control(control)
     if distributed.is_main_process():
         summary.report = _locked_report(sweep.output_path)
     distributed.barrier()
