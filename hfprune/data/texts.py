@@ -18,12 +18,13 @@ import bisect
 import logging
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Protocol
-
-import numpy as np
-import torch
+from typing import TYPE_CHECKING, Any, Protocol
 
 from hfprune.errors import RunFailure
+
+
+if TYPE_CHECKING:
+    import torch
 
 
 logger = logging.getLogger(__name__)
@@ -70,7 +71,10 @@ def permuted_texts(spec: DatasetLike, seed: int) -> Iterator[str]:
     """
     if spec.streaming:
         raise DatasetError(f"dataset {_where(spec)} is streamed: it cannot be permuted as a whole")
+    seed %= 1 << 64  # numpy seeds are non-negative; a recipe's seed may not be, and others stay as they are
     if spec.path.startswith(BUILTIN_PREFIX):
+        import numpy as np
+
         texts = list(_builtin_texts(spec.path.removeprefix(BUILTIN_PREFIX), spec.split))
         for index in np.random.default_rng(seed).permutation(len(texts)):
             yield texts[index]
@@ -221,6 +225,8 @@ def windows(ids: list[int], seq_len: int, bos: int | None, count: int | None = N
     A BOS at every window start matches how the model saw documents in pretraining; without it the
     first positions of each window (the attention sink) behave unlike real inputs.
     """
+    import torch  # here, not at the top: the held-out check reads this module's constants without torch
+
     body = seq_len - (bos is not None)
     available = len(ids) // body
     count = available if count is None else min(count, available)
