@@ -196,11 +196,18 @@ def _decoder_layers_or_none(model: nn.Module) -> nn.ModuleList | None:
 
 
 # -- offloading -------------------------------------------------------------------------------------
+# The attribute of an offloaded layer that holds its `_Offload`. It lives on the layer (not in a table
+# beside the model) so that a deep copy of an offloaded model, such as a distillation teacher cast to
+# the training dtype, carries its own hooks and state together.
+_STATE = "_hfprune_offload"
+
+
 class _Offload:
     """The pair of hooks of one offloaded decoder layer; `pinned` keeps it on the device between calls."""
 
-    def __init__(self, device: torch.device, home: torch.device) -> None:
+    def __init__(self, layer: nn.Module, device: torch.device, home: torch.device) -> None:
         self.device, self.home, self.pinned = device, home, False
+        self.handles = (layer.register_forward_pre_hook(self.before), layer.register_forward_hook(self.after))
 
     def before(self, module: nn.Module, _args: tuple) -> None:
         if not self.pinned:
@@ -229,27 +236,21 @@ def _offload(model: nn.Module, device: torch.device) -> None:
         spec.set_decoder_layers(model, layers)
     for layer in layers:
         layer.to(HOST)
-        state = _Offload(device, HOST)
-        layer.register_forward_pre_hook(state.before)
-        layer.register_forward_hook(state.after)
+        setattr(layer, _STATE, _Offload(layer, device, HOST))
 
 
 def _offload_state(module: nn.Module) -> _Offload | None:
-    for hook in module._forward_pre_hooks.values():
-        owner = getattr(hook, "__self__", None)
-        if isinstance(owner, _Offload):
-            return owner
-    return None
+    return getattr(module, _STATE, None)
 
 
 def remove_offload(model: nn.Module) -> None:
     """Take the onloading hooks off every layer (before training, or before placing the model again)."""
     for module in model.modules():
-        for hooks in (module._forward_pre_hooks, module._forward_hooks):
-            for key in [
-                k for k, hook in hooks.items() if isinstance(getattr(hook, "__self__", None), _Offload)
-            ]:
-                del hooks[key]
+        state = _offload_state(module)
+        if state is not None:
+            for handle in state.handles:
+                handle.remove()
+            delattr(module, _STATE)
 
 
 @contextlib.contextmanager
