@@ -24,7 +24,7 @@ from typing import Any
 from hfprune import distributed, kinds
 from hfprune._faults import kill_point
 from hfprune.architectures.base import SHAPE_KEYS
-from hfprune.failures import translate_oom
+from hfprune.failures import translate_oom, writes_to
 from hfprune.hub import PushResult, load_parent_config
 from hfprune.kinds import Making, ModelKind
 from hfprune.models.structure import count_config_parameters
@@ -193,7 +193,9 @@ class Pipeline:
         if distributed.is_main_process() or ctx.table[stage].all_ranks:
             logger.info("stage %s: running", stage)
             kill_point(f"before:{stage}")
-            with translate_oom(stage):  # out of memory: one line naming the stage and its knobs
+            # Out of memory, or a write fault whoever raises it (a full output folder or cache): one line
+            # naming the stage's knobs, or the folder that is full and the fix.
+            with translate_oom(stage), writes_to(ws.root):
                 ctx.table[stage].action(ctx)
         kill_point(f"unrecorded:{stage}")  # its outputs written, the ledger not yet
         if distributed.is_main_process():
