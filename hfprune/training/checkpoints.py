@@ -40,6 +40,7 @@ class CheckpointCompleteCallback(TrainerCallback):
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             kill_point("checkpoint_save")  # written, not yet marked complete
             (folder / COMPLETE_MARKER).write_text(str(state.num_input_tokens_seen))
+            kill_point("checkpoint_complete")  # a resumable checkpoint exists
 
 
 def last_complete_checkpoint(checkpoints: Path) -> Path | None:
