@@ -204,7 +204,12 @@ def _stage_command(name: str, stop_after: str | None, summary: str) -> None:
         hardware = plan_hardware(**machine)
         # Before any weights or folders; a run that does not fit the machine stops here (exit 2).
         checked = preflight(
-            loaded, source=recipe, training=stop_after is None, hardware=hardware, refuse=not dry_run
+            loaded,
+            source=recipe,
+            training=stop_after is None,
+            hardware=hardware,
+            refuse=not dry_run,
+            force=force,
         )
         _execute(loaded, force=force, dry_run=dry_run, stop_after=stop_after, plan=checked.plan)
 
@@ -269,10 +274,12 @@ def sweep(
     grid = load_sweep(recipe, overrides)
     hardware = plan_hardware(**machine)
     # Every selected cell, before any weights or folders; a cell that does not fit stops the sweep (exit 2).
-    checked = preflight_cells(grid.select(only), source=recipe, hardware=hardware, refuse=not dry_run)
+    checked = preflight_cells(
+        grid.select(only), source=recipe, hardware=hardware, refuse=not dry_run, force=force
+    )
     try:
         if dry_run:
-            plan = describe_sweep(grid, only, plans=checked.plans)
+            plan = describe_sweep(grid, only, plans=checked.plans, disk=checked.disk)
             click.echo(format_plan(plan), err=True)
             click.echo(json.dumps(plan, indent=2))
             return

@@ -18,8 +18,9 @@ fetched stays a `ParentLoadError` (exit 1) when nothing else is wrong.
 Then, with the parent's config at hand: the held-out check (`hfprune.checks.heldout`: an evaluation set that
 reads calibration or training text is a warning, returned and logged), and when a `hardware` is given
 (the run commands, not `validate`) the plan (`hfprune.plan.check`): logged, and a `PlanError` (exit 2,
-naming the knob) when a stage needs more memory than that machine has, unless `refuse=False` (a dry run,
-which prints it instead).
+naming the knob) when a stage needs more memory than that machine has, or the stages still to run (the
+ledger's, as `hfprune.pipeline.runner.Pipeline.status` reads it; all of them with `force`) more disk than
+the output folder's file system has free, unless `refuse=False` (a dry run, which prints it instead).
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ def preflight(
     hardware: Hardware | None = None,
     refuse: bool = True,
     log: bool = True,
+    force: bool = False,
 ) -> Checked:
     """Raise `RecipeError` with every problem found; return the warnings (and the plan).
 
@@ -67,11 +69,15 @@ def preflight(
     folder (`hfprune validate --no-parent --no-files`: what the recipe alone says, on any machine);
     `training=False` (`hfprune prune`, which stops before training) skips the `train` section.
     `hardware` asks for the plan on that machine (`PlanError` when it does not fit and `refuse`);
-    `log=False` leaves the held-out warnings to the caller (`validate` prints them).
+    `log=False` leaves the held-out warnings to the caller (`validate` prints them); `force` (a run that
+    reruns finished stages) plans the disk of every stage.
     """
     items = [(None, recipe)]
     configs = _check(source or recipe.name, items, parent=parent, files=files, training=training)
-    return after_checks(items, configs, hardware, refuse=refuse, training=training, log=log)
+    remaining = {None: to_run(recipe, training=training, force=force)} if hardware else None
+    return after_checks(
+        items, configs, hardware, refuse=refuse, training=training, log=log, remaining=remaining
+    )
 
 
 def preflight_cells(
@@ -83,11 +89,23 @@ def preflight_cells(
     hardware: Hardware | None = None,
     refuse: bool = True,
     log: bool = True,
+    force: bool = False,
 ) -> Checked:
     """`preflight` for sweep cells (`hfprune.sweep.grid.Cell`): one report, each problem naming its cells."""
     items = [(cell.id, cell.recipe) for cell in cells]
     configs = _check(source, items, parent=parent, files=files, training=True)
-    return after_checks(items, configs, hardware, refuse=refuse, training=True, log=log)
+    remaining = {label: to_run(r, training=True, force=force) for label, r in items} if hardware else None
+    return after_checks(items, configs, hardware, refuse=refuse, training=True, log=log, remaining=remaining)
+
+
+def to_run(recipe: Recipe, *, training: bool, force: bool) -> set[str] | None:
+    """The stages a run of `recipe` would run, from its ledger (None: every stage, with `force`)."""
+    if force:
+        return None
+    from hfprune.pipeline.runner import Pipeline
+
+    status = Pipeline(recipe).status(None if training else "prune")
+    return {stage for stage, state in status.items() if state == "will run"}
 
 
 def _check(

@@ -1,8 +1,9 @@
-"""The plan before any work: per stage, peak accelerator memory, peak host memory and a time class.
+"""The plan before any work: per stage, peak accelerator memory, peak host memory, peak disk and a time class.
 
 Runs on the parent's config alone, after the recipe is validated and before any weights load: `--dry-run`
 prints it, and a run refuses to start (`require_fits`, exit 2) when a stage needs more than the machine
-has, naming the knob to turn. Every number is a sum of named terms, each with the formula that produced
+has, naming the knob to turn (the disk: `hfprune.plan.disk`, checked by `hfprune.plan.check` against the
+output folder's free space). Every number is a sum of named terms, each with the formula that produced
 it, so a reader can check the plan by hand (`format_plan`; `Plan.to_dict()` for JSON). The terms model
 what the code does today (formulas in `hfprune.plan.train_eval` and `hfprune.plan.prune_stage`); tests measure
 them on tiny models.
@@ -18,18 +19,19 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from hfprune.errors import InvalidInput
+from hfprune.plan.disk import DiskNeed, model_folder, size, train_disk, with_disk
 from hfprune.plan.hardware import GIB, Hardware, detect_hardware
 from hfprune.plan.prune_stage import prune_stage
 from hfprune.plan.terms import DTYPE_BYTES, HOST_BASELINE, Shape, StageEstimate
 from hfprune.plan.train_eval import eval_stage, train_stage
 
 
-MFU = 0.40  # model FLOP utilisation assumed on an accelerator, of its dense peak for the compute dtype
-CPU_EFFICIENCY = 0.5  # fraction of the measured matmul throughput a CPU forward/backward reaches
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
 
 
+MFU = 0.40  # model FLOP utilisation assumed on an accelerator, of its dense peak for the compute dtype
+CPU_EFFICIENCY = 0.5  # fraction of the measured matmul throughput a CPU forward/backward reaches
 DEVICE_RESERVE = GIB  # CUDA context and allocator slack, not available to tensors
 
 
@@ -41,6 +43,7 @@ class Plan:
     hardware: Hardware
     stages: list[StageEstimate]
     assumptions: list[str] = field(default_factory=list)
+    disk: list[DiskNeed] = field(default_factory=list)  # what is left of the run, per file system (preflight)
 
     def stage(self, name: str) -> StageEstimate:
         return next(s for s in self.stages if s.name == name)
@@ -51,11 +54,13 @@ class Plan:
             "hardware": self.hardware.to_dict(),
             "assumptions": self.assumptions,
             "stages": {s.name: s.to_dict() for s in self.stages},
+            "disk": [need.to_dict() for need in self.disk],
         }
 
 
 class PlanError(InvalidInput, ValueError):
-    """A stage needs more memory than the machine has; `problems` holds (knob, message) pairs."""
+    """A stage needs more memory than the machine has, or the run more disk than is free; `problems`
+    holds (knob, message) pairs."""
 
     def __init__(self, problems: list[tuple[str, str]]):
         self.problems = problems
@@ -110,12 +115,18 @@ def estimate(
     sparse = str(pruner.granularity) == "sparse"
     stages = [
         eval_stage("parent_eval", parent, eval_sets, eval_batch_size),
-        prune_stage(method, pruner.needs_calibration, parent, pruned, calibration, pruner.options, sparse),
+        with_disk(
+            prune_stage(
+                method, pruner.needs_calibration, parent, pruned, calibration, pruner.options, sparse
+            ),
+            model_folder("pruned model", pruned, sparse),
+        ),
         eval_stage("pruned_eval", pruned, eval_sets, eval_batch_size),
     ]
     for run in train.runs if train is not None else []:
         budget = (budgets or {}).get(run, train.token_budget)  # a setting-2 kind's is the pipeline's
-        stages.append(train_stage(run, pruned, train, hardware.devices, sparse, budget))
+        trained = train_stage(run, pruned, train, hardware.devices, sparse, budget)
+        stages.append(with_disk(trained, train_disk(run, pruned, train, budget, sparse)))
         stages.append(eval_stage(f"{run}_eval", pruned.as_dtype("float32"), eval_sets, eval_batch_size))
     stages = [_place(_timed(s, hardware), hardware) for s in stages if s is not None]
     title = title or f"{method} at {ratio}"
@@ -220,15 +231,20 @@ def _advice(stage: StageEstimate, where: str, total: int, limit: int) -> tuple[s
 
 
 def format_table(plan: Plan) -> str:
-    """One line per stage: peak device memory, peak host memory, estimated time (the run's start log)."""
+    """One line per stage: peak device memory, peak host memory, peak disk, estimated time (the run's
+    start log); then the disk the stages still to run need, per file system, against its free space."""
     lines = [
         f"plan: {plan.title} on {plan.hardware.name} x {plan.hardware.devices}",
-        f"{'stage':<18}{'device':>12}{'host':>12}{'time':>20}",
+        f"{'stage':<18}{'device':>12}{'host':>12}{'disk':>12}{'time':>20}",
     ]
     for s in plan.stages:
         device = "-" if s.total("device") is None else f"{s.total('device') / GIB:.2f} GiB"
+        disk = size(sum(t.bytes for t in s.disk)) if s.disk else "-"
         time = "-" if s.seconds is None else f"{_duration(s.seconds)} ({s.time_class})"
-        lines.append(f"{s.name:<18}{device:>12}{s.total('host') / GIB:>8.2f} GiB{time:>20}")
+        lines.append(f"{s.name:<18}{device:>12}{s.total('host') / GIB:>8.2f} GiB{disk:>12}{time:>20}")
+    for need in plan.disk:
+        fits = "fits" if need.need <= need.free else "DOES NOT FIT"
+        lines.append(f"disk: the stages still to run need {need.describe()}: {fits}")
     return "\n".join(lines)
 
 
@@ -240,6 +256,7 @@ def format_plan(plan: Plan) -> str:
         for where in ("device", "host"):
             for term in s.terms(where) or []:
                 lines.append(f"  {where:<6} {term.bytes / GIB:9.3f} GiB  {term.name}: {term.formula}")
+        lines.extend(f"  disk   {size(t.bytes):>13}  {t.name}: {t.formula}" for t in s.disk)
         if s.flops is not None:
             lines.append(f"  time   {s.flops:.3g} FLOP: {s.flops_formula}")
     lines.append("\nassumptions:")
@@ -248,7 +265,7 @@ def format_plan(plan: Plan) -> str:
 
 
 def _duration(seconds: float) -> str:
-    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
-        if seconds >= size:
-            return f"{seconds / size:.1f} {unit}"
+    for unit, length in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= length:
+            return f"{seconds / length:.1f} {unit}"
     return f"{seconds:.0f} s"

@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass, replace
 from typing import Any
 
+from hfprune.plan.disk import TEMP, DiskTerm
 from hfprune.plan.hardware import GIB
 from hfprune.plan.terms import TOKEN_ID_BYTES, Knob, Shape, StageEstimate, Term, baseline, weights
 
@@ -164,7 +165,9 @@ def _sequential(
         device += terms
         flops += extra_flops
         formula += extra_formula
-    spilled = Term("spilled activations", total - held, "N x S x h x b beyond the budget")
+    spilled = DiskTerm(
+        "spilled activations", total - held, "N x S x h x b beyond the budget", True, TEMP, "spill"
+    )
     disk = () if held == total else (spilled,)
     return StageEstimate(
         device=tuple(device),
