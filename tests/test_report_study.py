@@ -38,12 +38,29 @@ def entry(windows: list[float]) -> dict:
 
 
 def study_cell(root: Path, method: str, ratio: float, budget: int, gaps: tuple[float | None, float | None]):
+    """A grid point replicated over 3 seeds (verdicts are judged against seed noise); the seed-0 folder."""
+    folders = [
+        seed_cell(
+            root,
+            method,
+            ratio,
+            budget,
+            seed,
+            tuple(None if g is None else g + 0.005 * (seed - 1) for g in gaps),
+        )
+        for seed in range(3)
+    ]
+    return folders[0]
+
+
+def seed_cell(root: Path, method: str, ratio: float, budget: int, seed: int, gaps: tuple):
     """A sweep cell: continued at NLL offset 0, scratch `gaps[0]` above it (setting 1), scratch_pipeline
     `gaps[1]` above it (setting 2); None leaves that twin out."""
-    folder = root / f"{method}_{ratio}_{budget}"
+    folder = root / f"{method}_{ratio}_{budget}_s{seed}"
     (folder / "models" / "pruned").mkdir(parents=True)
     recipe = {
         "name": folder.name,
+        "seed": seed,
         "parent": {"model": "parent", "pretrained_tokens": PRETRAINED},
         "prune": {"method": method, "ratio": ratio},
         "eval": {"perplexity": [{"name": "heldout"}]},
@@ -97,11 +114,11 @@ def test_a_sweep_that_agrees_with_the_paper_except_the_vanishing(tmp_path):
     # Claim 3 narrows everywhere but the highest ratio keeps a gap beyond noise: mixed, not supported.
     assert verdicts(data) == {1: SUPPORTED, 2: SUPPORTED, 3: MIXED, 4: SUPPORTED}
     findings = {f["claim"]: f for f in data["study"]["findings"]}
-    assert findings[1]["numbers"].startswith("gap > 1.96 se in 8 of 8")
+    assert findings[1]["numbers"].startswith("gap > 1.96 seed se in 8 of 8")
     gaps = [d["gap"] for d in findings[1]["details"]]
     assert min(gaps) == pytest.approx(0.04, abs=0.01) and max(gaps) == pytest.approx(0.5, abs=0.01)
     assert f"gaps {min(gaps):+.3f} to {max(gaps):+.3f} nats" in findings[1]["numbers"]
-    assert "narrows beyond noise in 4 of 4 method × ratio lines" in findings[2]["numbers"]
+    assert "narrows beyond seed noise in 4 of 4 method × ratio lines" in findings[2]["numbers"]
     assert {(d["method"], d["gap"] > 0) for d in findings[4]["details"]} == {
         ("wanda", True),
         ("shortgpt", False),

@@ -6,8 +6,9 @@ One `StudyCell` per run folder of a sweep (`read_cell`): the held-out per-window
     gap = mean NLL(twin) - mean NLL(continued)   (nats: the log of the perplexity ratio)
 
 which is positive when the pruned initialisation wins. Both models are scored on the same windows, so
-the gap's standard error comes from the per-window differences (paired). `hfprune.report.study` builds
-the study section from these cells.
+the gap's standard error comes from the per-window differences (paired): the window noise. A cell is one
+seed replicate; `hfprune.report.seed_noise` groups the replicates of a grid point and measures the seed
+noise the verdicts use. `hfprune.report.study` builds the study section from these cells.
 """
 
 from __future__ import annotations
@@ -104,6 +105,7 @@ class StudyCell:
     pretrained_tokens: int | None
     scores: dict[str, Score]
     twins: dict[int, str]  # setting -> the random-init kind measured in that setting
+    seed: int = 0  # the recipe's seed: one replicate of the pipeline (`hfprune.report.seed_noise`)
 
     def gap(self, setting: int) -> Gap | None:
         headline = self.scores.get(kinds.comparison()[0].name)
@@ -115,6 +117,7 @@ class StudyCell:
         tokens = {kind: score.tokens_trained for kind, score in self.scores.items() if score.tokens_trained}
         return {
             "run": self.run,
+            "seed": self.seed,
             "method": self.method,
             "granularity": self.granularity,
             "ratio": self.ratio,
@@ -180,6 +183,7 @@ def read_cell(folder: Path) -> StudyCell:
         pretrained_tokens=pretrained or (parent.get("pretrain") or {}).get("token_budget"),
         scores=scores,
         twins={s: k for s, k in twins.items() if s is not None},
+        seed=int(recipe.get("seed", 0)),
     )
 
 

@@ -4,8 +4,10 @@ Called by `hfprune.report.study.study_report`. One PNG, two panels: left, settin
 twin on the same tokens); right, setting 2 (the twin on the whole pipeline's tokens). x is the token
 budget of the model trained from the pruned weights (log axis: budgets span orders of magnitude); y is
 the gap in nats, mean NLL(twin) - mean NLL(continued), the log of the perplexity ratio, so it reads the
-same at any perplexity (positive: the pruned initialisation wins). Bars are ±1.96 standard errors of
-the per-window paired differences. One line per method and ratio: colour by method, style by ratio.
+same at any perplexity (positive: the pruned initialisation wins). Each point is a grid point's mean gap
+over its seed replicates (`hfprune.report.seed_noise`); bars are ±1.96 seed standard errors (measured or
+borrowed), or of the per-window paired differences where there is no seed noise at all. One line per
+method and ratio: colour by method, style by ratio.
 """
 
 from __future__ import annotations
@@ -14,39 +16,43 @@ from pathlib import Path
 from typing import Any
 
 from hfprune.eval.perplexity import Z_95
-from hfprune.report.cells import StudyCell
+from hfprune.report.seed_noise import StudyNoise
 
 
 PANELS = {1: "setting 1: same tokens", 2: "setting 2: scratch on parent pretraining + x tokens"}
 STYLES = ("-", "--", ":", "-.")
 
 
-def plot_figure1(cells: list[StudyCell], path: Path) -> list[dict[str, Any]]:
+def plot_figure1(noise: StudyNoise, path: Path) -> list[dict[str, Any]]:
     """Write the figure to `path`; return each panel's setting, title and number of lines drawn."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    methods = sorted({cell.method for cell in cells})
-    ratios = sorted({cell.ratio for cell in cells})
+    methods = sorted({group.method for group in noise.groups})
+    ratios = sorted({group.ratio for group in noise.groups})
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     panels = []
     for ax, (setting, title) in zip(axes, PANELS.items(), strict=True):
         drawn = 0
-        lines = sorted({(cell.method, cell.ratio) for cell in cells if cell.gap(setting) is not None})
+        gaps = [(group, gap) for group in noise.groups if (gap := noise.gap(group, setting)) is not None]
+        lines = sorted({(group.method, group.ratio) for group, _ in gaps})
         for index, (method, ratio) in enumerate(lines):
             points = sorted(
-                (cell.budget, gap)
-                for cell in cells
-                if (cell.method, cell.ratio) == (method, ratio) and (gap := cell.gap(setting)) is not None
+                (
+                    (group.budget, gap)
+                    for group, gap in gaps
+                    if (group.method, group.ratio) == (method, ratio)
+                ),
+                key=lambda point: point[0],
             )
             # Lines sharing budgets would hide each other's bars: nudge each along the log axis.
             nudge = 1 + 0.025 * (index - (len(lines) - 1) / 2)
             ax.errorbar(
                 [budget * nudge for budget, _ in points],
                 [gap.value for _, gap in points],
-                yerr=[Z_95 * (gap.se or 0.0) for _, gap in points],
+                yerr=[Z_95 * (gap.seed_se if gap.seed_se is not None else gap.window_se or 0.0) for _, gap in points],
                 color=f"C{methods.index(method) % 10}",
                 linestyle=STYLES[ratios.index(ratio) % len(STYLES)],
                 marker="o", markersize=3, capsize=2, label=f"{method}, ratio {ratio}",

@@ -35,6 +35,7 @@ class RunRow:
     curves: dict[str, list[dict[str, float]]] = field(default_factory=dict)
     protocol: dict[str, Any] = field(default_factory=dict)
     twin_shared_from: str | None = None
+    seed: int = 0  # the recipe's seed: a sweep's seed replicates (`sweep.seed`) differ only here
 
     def score(self, kind: str) -> float | None:
         return self.scores.get(kind)
@@ -103,4 +104,5 @@ def read_run(folder: Path) -> RunRow:
             {},
         ),
         twin_shared_from=metrics.get(twin.name, {}).get("shared_from"),
+        seed=int(recipe.get("seed", 0)),
     )

@@ -9,7 +9,9 @@ against budget. Scores are held-out perplexity (lower is better), so a negative 
 initialisation is ahead. The models compared are the kinds of `hfprune.kinds` (one score column each),
 and the gap is the one between the kind trained from the pruned weights and the one trained from the
 random-init twin (`kinds.comparison()`). A study's sweep (cells with both settings' twins) also gets
-the paper's Figure 1 and a findings table, one verdict per claim (`hfprune.report.study`).
+the paper's Figure 1 and a findings table, one verdict per claim judged against seed noise, the seed
+noise per kind and budget and the control beside the parent (`hfprune.report.study`); its per-budget
+win count by sign is left out, and a control that disagrees heads the report.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import Any
 from hfprune import kinds
 from hfprune.report.plots import plot_curves, plot_gap
 from hfprune.report.reader import RunRow, find_runs, read_run
-from hfprune.report.study import study_report
+from hfprune.report.study import StudySection, study_report
 
 
 logger = logging.getLogger(__name__)
@@ -64,7 +66,9 @@ def describe_protocol(protocol: dict[str, Any]) -> str:
 
 
 def finding_lines(rows: list[RunRow]) -> list[str]:
-    """Finding 1 of the study, checked per budget: does the pruned start beat random init, and by how much."""
+    """Per budget, how often the pruned start scored below random init, and by how much: a count by sign
+    for ordinary reports. A study's report leaves it out: its claim 1 verdict (`hfprune.report.findings`)
+    is the one, judged against seed noise."""
     headline, twin = (kind.name for kind in kinds.comparison())
     header = (
         f"| training tokens | cells | {headline} beats {twin} | median {twin} / {headline} perplexity | "
@@ -101,7 +105,8 @@ def budget_table(rows: list[RunRow]) -> list[str]:
         f"| method | ratio (achieved) | params (non-embedding) | {' | '.join(header)} | {headline} - {twin} |",
         "|---|---|---:|" + "---:|" * (len(columns) + 1),
     ]
-    for r in sorted(rows, key=lambda r: (r.method, r.ratio)):
+    replicated = len({r.seed for r in rows}) > 1  # seed replicates: each row names its seed
+    for r in sorted(rows, key=lambda r: (r.method, r.ratio, r.seed)):
         gap = _fmt(r.gap)
         if r.gap is not None and r.gap > 0:
             gap = f"**{gap} ({twin} wins)**"
@@ -109,7 +114,8 @@ def budget_table(rows: list[RunRow]) -> list[str]:
         scores = [_fmt(r.score(kind)) for kind in columns]
         if r.twin_shared_from:
             scores[columns.index(twin)] += f" (twin of {r.twin_shared_from})"
-        lines.append(f"| {r.method} | {achieved} | {_params(r)} | {' | '.join(scores)} | {gap} |")
+        method = f"{r.method} (seed {r.seed})" if replicated else r.method
+        lines.append(f"| {method} | {achieved} | {_params(r)} | {' | '.join(scores)} | {gap} |")
     return lines
 
 
@@ -151,12 +157,17 @@ def recovery_lines(rows: list[RunRow]) -> list[str]:
     return lines
 
 
-def render_markdown(rows: list[RunRow], plots: list[str]) -> str:
+def render_markdown(rows: list[RunRow], plots: list[str], study: StudySection | None = None) -> str:
+    """The report; a study's has its warnings under the title, its own section at the end and no
+    per-budget win count (claim 1 has one verdict: the study's, judged against seed noise)."""
     metric = rows[0].metric
     loaded = kinds.made(kinds.Making.LOADED)[0].name
     parent = next((r.score(loaded) for r in rows if r.score(loaded) is not None), None)
     out = [
         "# hfprune report",
+        *(line for warning in (study.warning if study else []) for line in ("", warning)),
+    ]
+    out += [
         "",
         (
             f"Score: held-out perplexity on `{metric}`, lower is better; {describe_protocol(rows[0].protocol)}. "
@@ -170,7 +181,7 @@ def render_markdown(rows: list[RunRow], plots: list[str]) -> str:
             " Columns marked (setting 2) trained on the whole pipeline's tokens (the parent's pretraining "
             "tokens plus the budget); every other trained column on the budget alone (setting 1)."
         )
-    finding = finding_lines(rows)
+    finding = [] if study else finding_lines(rows)
     if finding:
         out += ["", "## Pruned vs random init, per budget", "", *finding]
     recovery = recovery_lines(rows)
@@ -180,7 +191,7 @@ def render_markdown(rows: list[RunRow], plots: list[str]) -> str:
         title = f"{budget:,} training tokens" if budget else "no training"
         out += ["", f"## {title}", "", *budget_table([r for r in rows if r.budget == budget])]
     out += ["", *[f"![{name}]({name})" for name in plots]]
-    return "\n".join(out) + "\n"
+    return "\n".join(out) + "\n" + (study.markdown if study else "")
 
 
 def write_report(folder: Path) -> dict[str, Any]:
@@ -206,5 +217,5 @@ def write_report(folder: Path) -> dict[str, Any]:
     if study is not None:
         data.update(plots=plots + study.plots, study=study.data)
     (folder / "report.json").write_text(json.dumps(data, indent=2) + "\n")
-    (folder / "report.md").write_text(render_markdown(rows, plots) + (study.markdown if study else ""))
+    (folder / "report.md").write_text(render_markdown(rows, plots, study))
     return data
