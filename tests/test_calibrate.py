@@ -16,7 +16,7 @@ from conftest import tiny_family_model, tiny_model
 from hfprune.models.structure import decoder_layers
 from hfprune.pruners import get_method, get_pruner
 from hfprune.pruners._blocks import chunked_nll
-from hfprune.pruners.calibration import LayerWalk, stream_forward, trace_decoder, walk_layers
+from hfprune.pruners.calibration import LayerWalk, stream_forward, trace_decoder
 
 
 def ids(samples: int, seq_len: int = 24, seed: int = 3) -> torch.Tensor:
@@ -99,7 +99,7 @@ def test_trace_holds_every_layer_input_as_the_full_forward_computes_it():
 # -- the sequential walk -------------------------------------------------------------------------------
 def test_walk_shares_the_layer_arguments_between_windows_of_one_shape():
     model = tiny_model()
-    steps = list(walk_layers(model, ids(5), batch_size=2))
+    steps = list(LayerWalk(model, ids(5), batch_size=2))
     first = steps[0].layer_kwargs
     assert len(first) == 3  # batches of 2, 2 and 1 windows
     assert first[0] is first[1] and first[2] is not first[0]  # the last batch has another shape
@@ -117,7 +117,7 @@ def test_each_layer_gets_its_own_mask_where_the_family_mixes_attention_types():
     batch = ids(3, seq_len=16)
     with torch.no_grad():
         reference = model(input_ids=batch, output_hidden_states=True).hidden_states
-    steps = list(walk_layers(model, batch, batch_size=3))
+    steps = list(LayerWalk(model, batch, batch_size=3))
     for step in steps[:-1]:
         torch.testing.assert_close(torch.cat(step.outputs), reference[step.index + 1], rtol=1e-5, atol=1e-5)
     assert not torch.equal(

@@ -9,7 +9,7 @@ from conftest import tiny_model
 from transformers import DynamicCache
 
 from hfprune.pruners import get_pruner
-from hfprune.pruners.calibration import walk_layers
+from hfprune.pruners.calibration import LayerWalk
 from hfprune.pruners.depth import plan_layer_removal
 
 
@@ -17,12 +17,12 @@ def ids(n: int = 3, seq: int = 24) -> torch.Tensor:
     return torch.randint(2, 384, (n, seq), generator=torch.Generator().manual_seed(1))
 
 
-def test_walk_layers_reproduces_the_full_forward_hidden_states():
+def test_the_layer_walk_reproduces_the_full_forward_hidden_states():
     model = tiny_model()
     batch = ids()
     with torch.no_grad():
         reference = model(input_ids=batch, output_hidden_states=True).hidden_states
-    steps = list(walk_layers(model, batch, batch_size=2))
+    steps = list(LayerWalk(model, batch, batch_size=2))
     assert [s.index for s in steps] == list(range(8))
     for step in steps[:-1]:  # the last hidden state returned by the model is after the final norm
         got = torch.cat(step.outputs)

@@ -6,7 +6,7 @@ Sits between data loading (`hfprune.data.texts.calibration_tokens`) and the prun
   last decoder layer. Pruners read activations from hooks and reduce them where they are computed
   (the model's device) into running sums, so memory is one batch's whatever the number of windows,
   and no activation crosses to the host. ShortGPT, Minitron (depth and width) and FLAP score this way.
-- Sequential (`walk_layers`): the sparse pruners' layer-by-layer walk, where a layer is pruned before
+- Sequential (`LayerWalk`): the sparse pruners' layer-by-layer walk, where a layer is pruned before
   the next one sees its outputs. It needs every window's hidden state at the current depth; an
   `ActivationStore` (`hfprune.pruners.activation_store`) holds them on the model's device within a byte budget
   and spills the rest to files, and the layer's own outputs replace its inputs batch by batch.
@@ -278,14 +278,3 @@ class LayerWalk:
             per_batch.append(by_shape[shape])
         self.report = store.finish_capture()
         return store, per_batch
-
-
-def walk_layers(
-    model: PreTrainedModel,
-    input_ids: torch.Tensor,
-    batch_size: int = 1,
-    desc: str = "calibration",
-    max_activation_bytes: int | None = None,
-) -> Iterator[LayerStep]:
-    """Yield a `LayerStep` per decoder layer, in order (see `LayerWalk`); no budget holds every window."""
-    yield from LayerWalk(model, input_ids, batch_size, desc, max_activation_bytes)
