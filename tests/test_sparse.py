@@ -17,7 +17,8 @@ from transformers import LlamaConfig
 from hfprune.architectures.llama import LLAMA
 from hfprune.masks.storage import load_masks, save_masks
 from hfprune.pruners import get_method, get_pruner
-from hfprune.pruners._sparse_math import (
+from hfprune.pruners.options import Pattern
+from hfprune.pruners.sparse.ops import (
     HessianError,
     inverse_hessian_factor,
     lowest_in_rows,
@@ -25,7 +26,6 @@ from hfprune.pruners._sparse_math import (
     pruned_count,
     sparsegpt_prune,
 )
-from hfprune.pruners.options import Pattern
 from hfprune.recipe.loading import RecipeError
 from hfprune.recipe.schema import load_recipe, validate_recipe
 
