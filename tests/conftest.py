@@ -214,3 +214,12 @@ def planned_shape(config, method: str, ratio: float, options: dict | None = None
     from hfprune.pruners import build_pruner
 
     return build_pruner(method, options).plan(config, ratio)
+
+
+def scratch_twin_of(model, folder: Path, **kwargs):
+    """The scratch twin of `model` the way the train stage builds it: saved to `folder`, then rebuilt
+    from there (`scratch_twin_from_folder`) in the model's dtype."""
+    from hfprune.models.twin import scratch_twin_from_folder
+
+    model.save_pretrained(folder)
+    return scratch_twin_from_folder(folder, dtype=model.dtype, **kwargs)

@@ -14,7 +14,7 @@ import json
 
 import pytest
 import torch
-from conftest import planned_shape, tiny_family_model
+from conftest import planned_shape, scratch_twin_of, tiny_family_model
 from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config
 
 from hfprune.architectures.registry import (
@@ -26,7 +26,6 @@ from hfprune.architectures.registry import (
 from hfprune.errors import RunFailure
 from hfprune.hub import load_parent_config
 from hfprune.models.structure import count_config_parameters, count_parameters, decoder_layers, updated_config
-from hfprune.models.twin import make_scratch_twin
 from hfprune.pruners import METHODS, get_pruner
 from hfprune.pruners.base import ShapeError
 from hfprune.pruners.options import Granularity
@@ -255,9 +254,9 @@ def test_shapes_follow_the_family_rule_on_a_real_config(family):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_scratch_twin_has_the_same_shape_and_keeps_every_norm_on_request(family):
+def test_scratch_twin_has_the_same_shape_and_keeps_every_norm_on_request(family, tmp_path):
     pruned = make("minitron_width").prune(parent(family), ids(), 0.5).model
-    twin = make_scratch_twin(pruned, seed=0, reinit_embeddings_and_norms=False)
+    twin = scratch_twin_of(pruned, tmp_path / "pruned", seed=0, reinit_embeddings_and_norms=False)
     assert type(twin) is type(pruned) and count_parameters(twin) == count_parameters(pruned)
     spec = architecture_of(pruned.config)
     for source, copied in zip(spec.norm_modules(pruned), spec.norm_modules(twin), strict=True):

@@ -1,16 +1,17 @@
-"""make_scratch_twin: same architecture and size, fresh and reproducible weights, masks and ties kept;
-built from the pruned model's folder without loading its weights, with the same numbers."""
+"""The scratch twin: same architecture and size, fresh and reproducible weights, masks and ties kept;
+built from the pruned model's folder without loading its weights, with the published numbers."""
 
 import hashlib
 
 import pytest
 import torch
+from conftest import scratch_twin_of
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
 import hfprune.models.twin
 from hfprune.masks.packed import PackedMask
 from hfprune.masks.storage import load_packed_masks, save_masks
-from hfprune.models.twin import make_scratch_twin, scratch_twin_from_folder
+from hfprune.models.twin import scratch_twin_from_folder
 
 
 def pruned_llama(tie: bool = False) -> LlamaForCausalLM:
@@ -48,17 +49,22 @@ def sparse_masks(model: LlamaForCausalLM) -> dict[str, torch.Tensor]:
     return masks
 
 
+def config_of(model: PreTrainedModel) -> dict:
+    """The model's config, less the folder it was read from."""
+    return {key: value for key, value in model.config.to_dict().items() if key != "_name_or_path"}
+
+
 def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
     return all(
         torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True)
     )
 
 
-def test_twin_has_the_same_architecture_and_fresh_reproducible_weights():
+def test_twin_has_the_same_architecture_and_fresh_reproducible_weights(tmp_path):
     pruned = pruned_llama()
-    twin = make_scratch_twin(pruned, seed=0)
+    twin = scratch_twin_of(pruned, tmp_path / "pruned", seed=0)
     assert type(twin) is type(pruned)
-    assert twin.config.to_dict() == pruned.config.to_dict()
+    assert config_of(twin) == config_of(pruned)
     assert sum(p.numel() for p in twin.parameters()) == sum(p.numel() for p in pruned.parameters())
     assert twin.state_dict().keys() == pruned.state_dict().keys()
     for (name, fresh), old in zip(twin.state_dict().items(), pruned.state_dict().values(), strict=True):
@@ -67,43 +73,43 @@ def test_twin_has_the_same_architecture_and_fresh_reproducible_weights():
     assert twin.model.layers[0].mlp.up_proj.weight.std().item() == pytest.approx(0.02, rel=0.1)
     assert bool(twin.model.norm.weight.eq(1).all())
 
-    assert same_weights(twin, make_scratch_twin(pruned, seed=0))
-    assert not same_weights(twin, make_scratch_twin(pruned, seed=1))
+    assert same_weights(twin, scratch_twin_from_folder(tmp_path / "pruned", seed=0))
+    assert not same_weights(twin, scratch_twin_from_folder(tmp_path / "pruned", seed=1))
 
 
-def test_twin_leaves_the_global_rng_alone_and_follows_dtype():
-    pruned = pruned_llama().to(torch.bfloat16)
+def test_twin_leaves_the_global_rng_alone_and_follows_dtype(tmp_path):
+    folder = saved(pruned_llama(), tmp_path / "pruned")
     torch.manual_seed(5)
     expected = torch.rand(3)
     torch.manual_seed(5)
-    twin = make_scratch_twin(pruned, seed=0)
+    twin = scratch_twin_from_folder(folder, seed=0, dtype=torch.bfloat16)
     assert torch.equal(torch.rand(3), expected)
     assert twin.dtype == torch.bfloat16
     # Generated in float32 first, so a bf16 twin is the rounded float32 twin.
-    fp32 = make_scratch_twin(pruned_llama(), seed=0)
+    fp32 = scratch_twin_from_folder(folder, seed=0)
     assert torch.equal(twin.lm_head.weight, fp32.lm_head.weight.to(torch.bfloat16))
 
 
-def test_sparse_twin_keeps_the_mask_and_reinitialises_survivors():
+def test_sparse_twin_keeps_the_mask_and_reinitialises_survivors(tmp_path):
     pruned = pruned_llama()
     masks = sparse_masks(pruned)
-    twin = make_scratch_twin(pruned, seed=0, masks=masks)
+    twin = scratch_twin_of(pruned, tmp_path / "pruned", seed=0, masks=masks)
     params, old = dict(twin.named_parameters()), dict(pruned.named_parameters())
     for name, keep in masks.items():
         assert torch.count_nonzero(params[name][~keep]) == 0, name
         assert bool(params[name][keep].ne(0).all()), name
         assert not torch.equal(params[name][keep], old[name][keep]), name
     with pytest.raises(KeyError, match=r"model\.layers\.9"):
-        make_scratch_twin(
-            pruned, seed=0, masks={"model.layers.9.mlp.up_proj.weight": masks[next(iter(masks))]}
+        scratch_twin_from_folder(
+            tmp_path / "pruned", seed=0, masks={"model.layers.9.mlp.up_proj.weight": masks[next(iter(masks))]}
         )
 
 
 @pytest.mark.parametrize("tie", [False, True])
-def test_embeddings_and_norms_switch_and_ties(tie):
+def test_embeddings_and_norms_switch_and_ties(tmp_path, tie):
     pruned = pruned_llama(tie=tie)
-    fresh = make_scratch_twin(pruned, seed=0)
-    kept = make_scratch_twin(pruned, seed=0, reinit_embeddings_and_norms=False)
+    fresh = scratch_twin_of(pruned, tmp_path / "pruned", seed=0)
+    kept = scratch_twin_from_folder(tmp_path / "pruned", seed=0, reinit_embeddings_and_norms=False)
     for twin in (fresh, kept):
         assert (twin.lm_head.weight is twin.model.embed_tokens.weight) is tie
     assert not torch.equal(fresh.model.embed_tokens.weight, pruned.model.embed_tokens.weight)
@@ -133,9 +139,9 @@ def _digest(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-# Digests of the twins `make_scratch_twin` built when the quickstart's published numbers were measured
-# (the model class's constructor under torch.manual_seed(seed), on the CPU in float32). A different
-# digest means every scratch-arm number moves: change these only on purpose, with the numbers.
+# Digests of the twins built when the quickstart's published numbers were measured (the model class's
+# constructor under torch.manual_seed(seed), on the CPU in float32, then cast to the model's dtype). A
+# different digest means every scratch-arm number moves: change these only on purpose, with the numbers.
 GOLDEN_TWINS = {
     "plain_seed0": "ed1d9e0032e7f9a5140b193c1ff36004e57db308ddcac5d50a6526a7e57c5ff2",
     "plain_seed7": "839cf7911d2e987798d8066c8353fcb60723046df6855c21c386d974beb2cd36",
@@ -148,9 +154,10 @@ GOLDEN_TWINS = {
 
 
 def golden_cases() -> dict[str, tuple]:
-    """Case name -> (pruned model, make_scratch_twin keyword arguments)."""
+    """Case name -> (pruned model, scratch_twin_from_folder keyword arguments)."""
     masked = pruned_llama()
     masks = sparse_masks(masked)
+    packed = {name: PackedMask.of(keep) for name, keep in masks.items()}  # zeroed one parameter at a time
     return {
         "plain_seed0": (pruned_llama(), {"seed": 0}),
         "plain_seed7": (pruned_llama(), {"seed": 7}),
@@ -158,13 +165,8 @@ def golden_cases() -> dict[str, tuple]:
         "tied_seed0": (pruned_llama(tie=True), {"seed": 0}),
         "tied_keep_seed0": (pruned_llama(tie=True), {"seed": 0, "reinit_embeddings_and_norms": False}),
         "masked_seed0": (masked, {"seed": 0, "masks": masks}),
-        "masked_keep_seed3": (masked, {"seed": 3, "masks": masks, "reinit_embeddings_and_norms": False}),
+        "masked_keep_seed3": (masked, {"seed": 3, "masks": packed, "reinit_embeddings_and_norms": False}),
     }
-
-
-def test_twin_weights_are_bit_identical_to_the_published_ones():
-    digests = {name: _digest(make_scratch_twin(model, **kw)) for name, (model, kw) in golden_cases().items()}
-    assert digests == GOLDEN_TWINS
 
 
 def saved(model: LlamaForCausalLM, folder, **kwargs):
@@ -186,7 +188,6 @@ def no_full_load(monkeypatch):
 def test_twin_from_a_folder_has_the_published_weights_without_loading_the_pruned_model(
     tmp_path, no_full_load, monkeypatch
 ):
-    cases = golden_cases()
     read, original = [], hfprune.models.twin._checkpoint_tensors
 
     def spy(*args):
@@ -195,15 +196,10 @@ def test_twin_from_a_folder_has_the_published_weights_without_loading_the_pruned
         return tensors
 
     monkeypatch.setattr(hfprune.models.twin, "_checkpoint_tensors", spy)
-    for name in ("plain_seed0", "plain_seed7", "tied_keep_seed0", "masked_keep_seed3"):
-        model, kw = cases[name]
-        if "masks" in kw:  # kept bit-packed until each parameter is zeroed
-            kw = {**kw, "masks": {n: PackedMask.of(keep) for n, keep in kw["masks"].items()}}
-        twin = scratch_twin_from_folder(saved(model, tmp_path / name), **kw)
+    for name, (model, kw) in golden_cases().items():
+        twin = scratch_twin_of(model, tmp_path / name, **kw)
         assert _digest(twin) == GOLDEN_TWINS[name], name
-        assert not twin.training and twin.dtype == torch.float32
-    bf16 = scratch_twin_from_folder(tmp_path / "plain_seed0", seed=0, dtype=torch.bfloat16)
-    assert _digest(bf16) == GOLDEN_TWINS["bf16_seed0"]
+        assert not twin.training and twin.dtype == model.dtype
     # Only the embeddings and norms were read from the pruned checkpoint, and only when kept.
     assert len(read) == 2
     for names in read:
@@ -211,18 +207,20 @@ def test_twin_from_a_folder_has_the_published_weights_without_loading_the_pruned
 
 
 @pytest.mark.parametrize("tie", [False, True])
-def test_twin_from_a_folder_equals_the_twin_of_the_loaded_model(tmp_path, tie):
-    """bf16 on disk, sharded into several files: the same twin, config included, as from the loaded model."""
+def test_a_sharded_bf16_folder_gives_the_twin_of_a_single_float32_file(tmp_path, tie):
+    """bf16 on disk, sharded into several files: the same twin, config included, as from one float32 file
+    of the same (rounded) weights."""
     pruned = pruned_llama(tie=tie)
     masks = sparse_masks(pruned)
     folder = saved(pruned.to(torch.bfloat16), tmp_path / "pruned", max_shard_size="40KB")
     assert (folder / "model.safetensors.index.json").is_file()
-    loaded = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    single = saved(pruned.to(torch.float32), tmp_path / "single")
+    assert not (single / "model.safetensors.index.json").is_file()
     for kw in ({"seed": 5}, {"seed": 5, "masks": masks, "reinit_embeddings_and_norms": False}):
-        expected = make_scratch_twin(loaded, **kw)
+        expected = scratch_twin_from_folder(single, **kw)
         twin = scratch_twin_from_folder(folder, **kw)
         assert same_weights(twin, expected)
-        assert twin.config.to_dict() == expected.config.to_dict()
+        assert config_of(twin) == config_of(expected)
         assert (twin.lm_head.weight is twin.model.embed_tokens.weight) is tie
 
 
@@ -250,4 +248,4 @@ def test_twin_rejects_a_shard_of_a_mask(tmp_path):
     save_masks(masks, tmp_path / "masks.safetensors")
     shard = load_packed_masks(tmp_path / "masks.safetensors", shard=(1, 2))
     with pytest.raises(ValueError, match="holds rows"):
-        make_scratch_twin(pruned, seed=0, masks=shard)
+        scratch_twin_of(pruned, tmp_path / "pruned", seed=0, masks=shard)

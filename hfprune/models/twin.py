@@ -10,11 +10,9 @@ The train stage builds the twin from the pruned model's folder (`scratch_twin_fr
 config, reading at most the embeddings and norms from its weights, so the pruned weights are never in
 memory beside the twin (at 8B that was a second 30 GiB copy). Under FSDP with
 `cpu_ram_efficient_loading`, processes other than rank 0 build it `empty` (parameters on the meta
-device, filled by FSDP from rank 0). The weights of a given seed are the same either way, and the same
-as `make_scratch_twin` of the loaded pruned model.
+device, filled by FSDP from rank 0). The weights of a given seed are the same either way.
 """
 
-import copy
 import json
 import logging
 from collections.abc import Callable, Iterable, Mapping
@@ -34,45 +32,6 @@ from hfprune.masks.packed import KeepMask, PackedMask
 logger = logging.getLogger(__name__)
 
 
-def make_scratch_twin(
-    pruned_model: PreTrainedModel,
-    *,
-    seed: int,
-    masks: Mapping[str, KeepMask] | None = None,
-    reinit_embeddings_and_norms: bool = True,
-) -> PreTrainedModel:
-    """A freshly initialised model with the pruned model's class and config.
-
-    The weights come from the model class's own initialiser (as `AutoModelForCausalLM.from_config`
-    would produce) under `torch.manual_seed(seed)`, generated on the CPU in float32 and then moved to the
-    pruned model's device and dtype, so the same seed gives the same twin everywhere. The global RNG
-    state is left as it was. Tied input and output embeddings stay tied.
-
-    Args:
-        pruned_model: The pruned model; only its config, class, dtype and device are used, plus its
-            embeddings and norms when `reinit_embeddings_and_norms` is False.
-        seed: Seed of the initialisation.
-        masks: Sparse keep-masks (parameter name -> bool tensor, True = keep, or a whole `PackedMask`).
-            Masked weights of the twin are set to zero; surviving weights keep their fresh values.
-        reinit_embeddings_and_norms: If False, the `nn.Embedding` and normalisation weights are copied
-            from `pruned_model` (what the paper's sparse re-init code did); if True, every weight is new.
-
-    Returns:
-        The twin, in eval mode like any `from_pretrained` model.
-    """
-    twin = seeded_model(type(pruned_model), copy.deepcopy(pruned_model.config), seed)
-    reference = next(pruned_model.parameters())
-    twin.to(device=reference.device, dtype=reference.dtype)
-    twin.eval()
-    if not reinit_embeddings_and_norms:
-        source = dict(pruned_model.named_parameters(remove_duplicate=False))
-        copied = _copy_embeddings_and_norms(twin, lambda names: {name: source[name] for name in names})
-        logger.info("Scratch twin keeps the parent's embeddings and norms: %s", ", ".join(copied))
-    if masks:
-        _apply_masks(twin, masks)
-    return twin
-
-
 def scratch_twin_from_folder(
     folder: str | Path,
     *,
@@ -84,10 +43,25 @@ def scratch_twin_from_folder(
 ) -> PreTrainedModel:
     """The twin of the model saved in `folder`, without loading that model's weights.
 
-    The same weights as `make_scratch_twin(AutoModelForCausalLM.from_pretrained(folder, dtype=dtype),
-    ...)`, on the CPU; only the embeddings and norms are read from the folder, and only when
-    `reinit_embeddings_and_norms` is False. With `empty`, the parameters are left on the meta device
-    (buffers are real) for a process that receives its weights from another: no initialisation runs.
+    The weights come from the model class's own initialiser (as `AutoModelForCausalLM.from_config`
+    would produce) under `torch.manual_seed(seed)`, generated on the CPU in float32 and then cast to
+    `dtype`, so the same seed gives the same twin everywhere. The global RNG state is left as it was.
+    Tied input and output embeddings stay tied.
+
+    Args:
+        folder: The saved pruned model; its config is read, and its embeddings and norms only when
+            `reinit_embeddings_and_norms` is False.
+        seed: Seed of the initialisation.
+        masks: Sparse keep-masks (parameter name -> bool tensor, True = keep, or a whole `PackedMask`).
+            Masked weights of the twin are set to zero; surviving weights keep their fresh values.
+        reinit_embeddings_and_norms: If False, the `nn.Embedding` and normalisation weights are copied
+            from the folder (what the paper's sparse re-init code did); if True, every weight is new.
+        dtype: The twin's dtype.
+        empty: Leave the parameters on the meta device (buffers are real) for a process that receives
+            its weights from another: no initialisation runs.
+
+    Returns:
+        The twin, on the CPU, in eval mode like any `from_pretrained` model.
     """
     folder = Path(folder)
     config = AutoConfig.from_pretrained(folder)
