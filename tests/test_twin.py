@@ -5,13 +5,14 @@ import hashlib
 
 import pytest
 import torch
-from conftest import scratch_twin_of
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel
+from conftest import scratch_twin_of, tiny_shape
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
 import hfprune.models.twin
+from hfprune.architectures.registry import ARCHITECTURES
 from hfprune.masks.packed import PackedMask
 from hfprune.masks.storage import load_packed_masks, save_masks
-from hfprune.models.twin import scratch_twin_from_folder
+from hfprune.models.twin import causal_lm_class, scratch_twin_from_folder
 
 
 def pruned_llama(tie: bool = False) -> LlamaForCausalLM:
@@ -249,3 +250,10 @@ def test_twin_rejects_a_shard_of_a_mask(tmp_path):
     shard = load_packed_masks(tmp_path / "masks.safetensors", shard=(1, 2))
     with pytest.raises(ValueError, match="holds rows"):
         scratch_twin_of(pruned, tmp_path / "pruned", seed=0, masks=shard)
+
+
+@pytest.mark.parametrize("family", sorted(ARCHITECTURES))
+def test_causal_lm_class_is_the_class_auto_model_builds(family):
+    config = AutoConfig.for_model(family, **tiny_shape(num_hidden_layers=2))
+    with torch.device("meta"):
+        assert causal_lm_class(config) is type(AutoModelForCausalLM.from_config(config))

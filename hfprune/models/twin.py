@@ -22,7 +22,7 @@ import torch
 from accelerate import init_empty_weights
 from safetensors import safe_open
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig, PretrainedConfig, PreTrainedModel
 
 from hfprune.architectures.registry import architecture_of
 from hfprune.callbacks.param_names import canonical_name
@@ -79,8 +79,9 @@ def scratch_twin_from_folder(
 
 
 def causal_lm_class(config: PretrainedConfig) -> type[PreTrainedModel]:
-    """The class `AutoModelForCausalLM` builds for `config`."""
-    found = AutoModelForCausalLM._model_mapping[type(config)]
+    """The class `AutoModelForCausalLM` builds for `config` (its public config-to-class mapping, which
+    also holds classes registered with `AutoModelForCausalLM.register`)."""
+    found = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
     if isinstance(found, (list, tuple)):  # several classes for one config: the one the config names
         named = set(config.architectures or [])
         found = next((cls for cls in found if cls.__name__ in named), found[0])
