@@ -35,7 +35,11 @@ def canonical_name(name: str) -> str:
 
 def adapted_layers(model: nn.Module) -> dict[str, nn.Module]:
     """PEFT tuner layers by module name: the modules that wrap a `base_layer`."""
-    return {name: module for name, module in model.named_modules() if "base_layer" in module._modules}
+    return {
+        name: module
+        for name, module in model.named_modules()
+        if any(child == "base_layer" for child, _ in module.named_children())
+    }
 
 
 def adapter_layer_of(param_name: str, adapted: Mapping[str, nn.Module]) -> str | None:
