@@ -68,9 +68,9 @@ def machine() -> str:
     return f"{os.cpu_count()} CPU cores ({cpu}), {mem_gib:.0f} GiB, {gpu}; torch {torch.__version__}"
 
 
-def evaluate(model: Any, windows: tuple[torch.Tensor, bool], batch_size: int) -> float:
-    """Held-out perplexity of `model` on prepared (windows, has_bos) from `evaluation_windows`."""
-    batch, bos = windows
+def evaluate(model: Any, windows: tuple[torch.Tensor, bool, Any], batch_size: int) -> float:
+    """Held-out perplexity of `model` on prepared (windows, has_bos, selection) from `evaluation_windows`."""
+    batch, bos, _ = windows
     return perplexity(model, batch, bos, {"path": "shakespeare test"}, batch_size).value
 
 

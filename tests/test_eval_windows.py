@@ -71,8 +71,8 @@ def test_documents_covered_counts_each_document_a_span_touches():
 
 def test_capped_windows_represent_the_whole_set_not_its_head(corpus, tiny_tokenizer):
     spec, model = spec_of(corpus), RepeatModel(len(tiny_tokenizer))
-    whole, has_bos = evaluation_windows(spec, tiny_tokenizer, SEQ, None)
-    capped, _ = evaluation_windows(spec, tiny_tokenizer, SEQ, 8)
+    whole, has_bos, _ = evaluation_windows(spec, tiny_tokenizer, SEQ, None)
+    capped, _, capped_selection = evaluation_windows(spec, tiny_tokenizer, SEQ, 8)
     ids = token_stream(spec, tiny_tokenizer)
     head = windows(ids, SEQ, tiny_tokenizer.bos_token_id, 8)  # what a cap used to take
     assert capped.shape == head.shape == (8, SEQ) and whole.shape[0] > 8
@@ -84,7 +84,7 @@ def test_capped_windows_represent_the_whole_set_not_its_head(corpus, tiny_tokeni
     # The head is the cheap letters only; the spread windows score like the whole set.
     assert nll["head"] < 0.1 * nll["whole"]
     assert abs(nll["capped"] - nll["whole"]) < 0.25 * nll["whole"]
-    protocol = perplexity(model, capped, has_bos, {}).to_dict()["protocol"]
+    protocol = perplexity(model, capped, has_bos, {}, selection=capped_selection).to_dict()["protocol"]
     assert protocol["window_selection"] == "spread" and protocol["read_limit"] is None
     assert protocol["documents_total"] == DOCUMENTS and protocol["tokens_read"] == len(ids)
     body = SEQ - 1
@@ -92,25 +92,26 @@ def test_capped_windows_represent_the_whole_set_not_its_head(corpus, tiny_tokeni
     head_covered = documents_covered(document_tokens(spec, tiny_tokenizer)[1], len(ids), head_spans)
     assert protocol["documents_covered"] >= 8 > head_covered  # one document per window, not the first few
     first_window_only = perplexity(model, head, has_bos, {}).to_dict()["protocol"]
-    assert first_window_only["window_selection"] is None  # a bare tensor records no selection
+    assert first_window_only["window_selection"] is None  # windows given without a selection record none
 
 
 def test_an_uncapped_set_is_read_as_before_and_says_so(corpus, tiny_tokenizer):
     spec = spec_of(corpus)
-    batch, _ = evaluation_windows(spec, tiny_tokenizer, SEQ, None)
+    batch, _, selection = evaluation_windows(spec, tiny_tokenizer, SEQ, None)
     assert torch.equal(batch, windows(token_stream(spec, tiny_tokenizer), SEQ, tiny_tokenizer.bos_token_id))
-    assert batch.selection.window_selection == "all"
-    assert batch.selection.documents_covered == batch.selection.documents_total == DOCUMENTS
+    assert selection.window_selection == "all"
+    assert selection.documents_covered == selection.documents_total == DOCUMENTS
 
 
 def test_a_streamed_set_reads_a_bounded_stated_amount_and_spreads_within_it(corpus, tiny_tokenizer):
-    batch, _ = evaluation_windows(spec_of(corpus, streaming=True), tiny_tokenizer, SEQ, 2)
-    selection = batch.selection
+    batch, _, selection = evaluation_windows(spec_of(corpus, streaming=True), tiny_tokenizer, SEQ, 2)
     assert selection.read_limit == STREAMED_READ_MULTIPLE * 2 * (SEQ - 1) == selection.tokens_read
     assert selection.window_selection == "spread" and batch.shape == (2, SEQ)
     assert selection.documents_total < DOCUMENTS  # only the part read is counted
     assert "the first 496 tokens" in coverage(
-        perplexity(RepeatModel(len(tiny_tokenizer)), batch, True, {}).to_dict()["protocol"]
+        perplexity(RepeatModel(len(tiny_tokenizer)), batch, True, {}, selection=selection).to_dict()[
+            "protocol"
+        ]
     )
 
 

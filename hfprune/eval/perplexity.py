@@ -107,12 +107,9 @@ class WindowSelection:
 
 def evaluation_windows(
     spec: DatasetLike, tokenizer: Any, seq_len: int, max_windows: int | None
-) -> tuple[torch.Tensor, bool]:
-    """The token windows a perplexity is computed on, and whether they open with BOS.
-
-    The windows tensor carries its `WindowSelection` as the attribute `selection`, which `perplexity`
-    records in the protocol.
-    """
+) -> tuple[torch.Tensor, bool, WindowSelection]:
+    """The token windows a perplexity is computed on, whether they open with BOS, and how they were
+    chosen (for the protocol `perplexity` records)."""
     bos = getattr(tokenizer, "bos_token_id", None)
     body = seq_len - (bos is not None)
     streamed = bool(getattr(spec, "streaming", False))
@@ -123,14 +120,14 @@ def evaluation_windows(
         raise ValueError(f"evaluation dataset {spec.path!r} has fewer than {seq_len} tokens")
     spans = [(i * body, (i + 1) * body) for i in chosen]
     batch = windows([token for first, stop in spans for token in ids[first:stop]], seq_len, bos)
-    batch.selection = WindowSelection(  # type: ignore[attr-defined]
+    selection = WindowSelection(
         window_selection="all" if len(chosen) == len(ids) // body else "spread",
         tokens_read=len(ids),
         read_limit=limit,
         documents_covered=documents_covered(starts, len(ids), spans),
         documents_total=len(starts),
     )
-    return batch, bos is not None
+    return batch, bos is not None, selection
 
 
 @torch.no_grad()
@@ -143,8 +140,7 @@ def perplexity(
     selection: WindowSelection | None = None,
 ) -> PerplexityResult:
     """Token-level perplexity of `model` over the windows in `batch` ([n, seq_len] token ids); the
-    protocol records `selection` (default: the one `evaluation_windows` attached to `batch`)."""
-    selection = selection or getattr(batch, "selection", None)
+    protocol records `selection`, how `evaluation_windows` chose them."""
     was_training = model.training
     model.eval()
     device = module_device(model)
@@ -177,3 +173,17 @@ def perplexity(
         nll_se=standard_error(window_nll),
         **(selection.to_dict() if selection else {}),
     )
+
+
+def perplexity_scores(model: PreTrainedModel, tokenizer: Any, spec: Any) -> dict[str, dict[str, Any]]:
+    """Every perplexity set of a recipe's `eval` section (`spec`), scored on `model`: name -> result
+    with its protocol (what the evaluate stage records for each model, and a sweep for its control)."""
+    scores = {}
+    for entry in spec.perplexity:
+        batch, bos, selection = evaluation_windows(entry.dataset, tokenizer, entry.seq_len, entry.max_windows)
+        dataset = entry.dataset.model_dump(mode="json", exclude_defaults=True)
+        dataset["split"] = entry.dataset.split  # always recorded: the cards say where each number is from
+        result = perplexity(model, batch, bos, dataset, spec.batch_size, selection=selection)
+        scores[entry.name] = result.to_dict()
+        logger.info("perplexity on %s: %.3f", entry.name, result.value)
+    return scores

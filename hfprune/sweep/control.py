@@ -128,18 +128,11 @@ def _scores(recipe: Any, model: Any, saved: Path, tokenizer: Any) -> dict[str, A
     """Perplexity on every held-out set of the cells' eval section, where the cells evaluate."""
     from transformers import AutoModelForCausalLM
 
-    from hfprune.eval.perplexity import evaluation_windows, perplexity
+    from hfprune.eval.perplexity import perplexity_scores
     from hfprune.models.placement import place, resolve_device
 
     model = model if model is not None else AutoModelForCausalLM.from_pretrained(saved, dtype="auto")
     model.eval()
     place(model, resolve_device(recipe.parent.device), stage="control_eval")
-    scores = {}
-    for entry in recipe.eval.perplexity:
-        batch, bos = evaluation_windows(entry.dataset, tokenizer, entry.seq_len, entry.max_windows)
-        dataset = entry.dataset.model_dump(mode="json", exclude_defaults=True)
-        dataset["split"] = entry.dataset.split
-        result = perplexity(model, batch, bos, dataset, recipe.eval.batch_size)
-        scores[entry.name] = result.to_dict()
-        logger.info("control perplexity on %s: %.3f", entry.name, result.value)
-    return scores
+    logger.info("scoring the control")
+    return perplexity_scores(model, tokenizer, recipe.eval)

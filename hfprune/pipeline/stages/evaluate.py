@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from hfprune import kinds
 from hfprune.eval.lmeval import evaluate_lm
-from hfprune.eval.perplexity import evaluation_windows, perplexity
+from hfprune.eval.perplexity import perplexity_scores
 from hfprune.models.placement import log_stage, place, resolve_device
 from hfprune.models.structure import count_parameters
 
@@ -53,14 +53,8 @@ def record_scores(ctx: Context, kind: str, model: PreTrainedModel, tokenizer: An
     """Parameters, each perplexity set and the lm-eval tasks of `model`, merged into `kind`'s entry
     (which keeps what training recorded there)."""
     spec = ctx.recipe.eval
-    scores: dict[str, Any] = {}
-    for entry in spec.perplexity:
-        batch, bos = evaluation_windows(entry.dataset, tokenizer, entry.seq_len, entry.max_windows)
-        dataset = entry.dataset.model_dump(mode="json", exclude_defaults=True)
-        dataset["split"] = entry.dataset.split  # always recorded: the cards say where each number is from
-        result = perplexity(model, batch, bos, dataset, spec.batch_size)
-        scores[entry.name] = result.to_dict()
-        logger.info("%s perplexity on %s: %.3f", kind, entry.name, result.value)
+    logger.info("scoring %s", kind)
+    scores = perplexity_scores(model, tokenizer, spec)
     params = count_parameters(model).to_dict()
     lm_eval = evaluate_lm(model, tokenizer, spec)
     if lm_eval is None:  # a recipe without lm-eval tasks records none (and drops an earlier run's)

@@ -173,5 +173,5 @@ def curve_callbacks(ctx: Context, tokenizer: Any) -> list[HeldOutCurveCallback]:
     if not every or not sets:
         return []
     spec = sets[0]
-    windows, bos = evaluation_windows(spec.dataset, tokenizer, spec.seq_len, spec.max_windows)
+    windows, bos, _ = evaluation_windows(spec.dataset, tokenizer, spec.seq_len, spec.max_windows)
     return [HeldOutCurveCallback(windows, bos, every, ctx.recipe.eval.batch_size)]
