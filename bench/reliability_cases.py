@@ -30,7 +30,7 @@ os.environ.update(HF_ENDPOINT=HUB.start(), HF_TOKEN="hf_table_token")
 
 import torch  # noqa: E402
 from click.testing import CliRunner  # noqa: E402
-from conftest import tiny_model, tiny_recipe_yaml, train_tiny_tokenizer  # noqa: E402
+from conftest import run_on_small_fs, tiny_model, tiny_recipe_yaml, train_tiny_tokenizer  # noqa: E402
 
 from hfprune.cli import main  # noqa: E402
 from hfprune.outputs import output_lock  # noqa: E402
@@ -170,30 +170,29 @@ def second_writer(bench: Bench) -> str:
         holder.join()
 
 
-FULL_DISK = (
-    'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'
-)
-TORCH_WRITE = "[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing file data/0: file write failed"
+# What the installed safetensors raises on a full disk (tests/test_disk_full.py captures it on a real one).
+FULL_DISK = "Error while serializing: I/O error: No space left on device (os error 28)"
 
 
 def full_disk_at_checkpoint(bench: Bench) -> str:
-    path = bench.recipe("disk-checkpoint")
-    real_save = torch.save
-
-    def fails(obj: object, f: object, *args: object, **kwargs: object) -> object:
-        if str(f).endswith("optimizer.pt") and "checkpoint-4" in str(f):
-            raise RuntimeError(TORCH_WRITE)
-        return real_save(obj, f, *args, **kwargs)
-
-    with (
-        mock.patch.object(torch, "save", fails),
-        mock.patch("shutil.disk_usage", return_value=shutil._ntuple_diskusage(10, 10, 0)),
-    ):
-        first = cli("run", str(path))
-    rerun = cli("run", str(path))
-    metrics = json.loads((bench.out("disk-checkpoint") / "metrics.json").read_text())["continued"]
+    """A real full file system: `hfprune run` on a 64 MB tmpfs (`conftest.run_on_small_fs`), which another
+    process fills once the first checkpoint is complete; then the folder moves to a larger disk and the
+    run is resumed there."""
+    path, out = bench.recipe("disk-checkpoint"), bench.out("disk-checkpoint")
+    moved = bench.folder / "larger"
+    fill = {"HFPRUNE_TEST_FILL_AT": "checkpoint_complete:1", "HFPRUNE_TEST_FILL_FILE": str(out / "neighbour")}
+    argv = [sys.executable, "-m", "hfprune", "run", str(path)]
+    done = run_on_small_fs(out, "64m", argv, copy_to=moved, env={**os.environ, "HF_HUB_OFFLINE": "1", **fill})
+    first = f"exit {done.returncode}: {error_report(done.stderr)}"
+    (moved / "neighbour").unlink(missing_ok=True)  # space is back: the same folder on a larger disk
+    rerun = cli("run", str(path), f"output_dir={moved / 'disk-checkpoint'}")
+    metrics = json.loads((moved / "disk-checkpoint" / "metrics.json").read_text())["continued"]
     resumed = metrics["training"].get("resumed_from")
-    return f"{first}; after freeing space, rerun {rerun} (resumed from {resumed}, {metrics['tokens_trained']} tokens)"
+    # The resume first: the table cuts long cells, and the error line is long.
+    return (
+        f"a real 64 MB disk, filled by another process after checkpoint 1; moved to a larger disk, rerun {rerun} "
+        f"(resumed from {resumed}, {metrics['tokens_trained']} tokens); the run itself {first}"
+    )
 
 
 def full_disk_saving_pruned(bench: Bench) -> str:

@@ -6,8 +6,9 @@ its observed outcome, printed as the markdown of RELIABILITY.md.
 Kill points: `hfprune run` in a subprocess SIGKILLs itself at the point (`HFPRUNE_TEST_KILL_AT`, see
 `hfprune._faults`), a second `hfprune run` completes it, and the result is compared with an uninterrupted
 run's (tokens trained, every tensor of every `models/<kind>/model.safetensors`, metrics bar wall-clock
-seconds). Invalid inputs and faults run the command line in this process (faults that need a broken
-disk or device are simulated by making the library call raise what it raises then). About 5 minutes on
+seconds). Invalid inputs and faults run the command line in this process (a full disk at a training
+checkpoint is a real one: a tmpfs another process fills, `conftest.run_on_small_fs`; the other faults
+that need a broken disk or device are simulated by making the library call raise what it raises then). About 5 minutes on
 two busy cores; the same checks, asserted, are tests/test_fault_injection.py, tests/test_reliability.py,
 tests/test_preflight.py, tests/test_recipe.py, tests/test_cli.py and tests/test_parent_masks.py.
 """
