@@ -78,13 +78,10 @@ class ResumedPhase(TrainerCallback):
         scheduler = getattr(lr_scheduler, "scheduler", lr_scheduler)
         if not state.global_step or optimizer is None or not hasattr(scheduler, "lr_lambdas"):
             return
-        step = scheduler.last_epoch
-        rates = [
-            base * rate(step) for base, rate in zip(scheduler.base_lrs, scheduler.lr_lambdas, strict=True)
-        ]
-        for group, rate in zip(optimizer.param_groups, rates, strict=True):
-            group["lr"] = rate
-        scheduler._last_lr = rates
+        # Take the restored step again under this phase's schedule: step() sets every group's rate to
+        # base_lr * lambda(step) and records it for get_last_lr(), which the Trainer logs.
+        scheduler.last_epoch -= 1
+        scheduler.step()
 
 
 class StepKillPoint(TrainerCallback):
