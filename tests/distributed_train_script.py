@@ -30,7 +30,7 @@ from transformers import (
 
 import hfprune.trainer
 from hfprune.callbacks import SparsityMaskCallback, TokenBudgetCallback, budget_schedule
-from hfprune.callbacks.param_names import canonical_name
+from hfprune.callbacks.sparsity_mask import canonical_name
 from hfprune.trainer import PruneTrainer
 from hfprune.training.packing import PackedTokenStream
 

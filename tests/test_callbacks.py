@@ -17,7 +17,7 @@ from hfprune.callbacks import (
     TokenBudgetCallback,
     budget_schedule,
 )
-from hfprune.callbacks.param_names import canonical_name
+from hfprune.callbacks.sparsity_mask import canonical_name
 from hfprune.trainer import PruneTrainer
 
 

@@ -13,7 +13,7 @@ from torch.utils.data import Dataset
 from transformers import LlamaForCausalLM, Trainer, TrainingArguments
 
 from hfprune.callbacks import SparsityMaskCallback
-from hfprune.callbacks.param_names import canonical_name
+from hfprune.callbacks.sparsity_mask import canonical_name
 
 
 VOCAB = 96

@@ -25,7 +25,7 @@ from torch import nn
 from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig, PretrainedConfig, PreTrainedModel
 
 from hfprune.architectures.registry import architecture_of
-from hfprune.callbacks.param_names import canonical_name
+from hfprune.callbacks.sparsity_mask import canonical_name
 from hfprune.masks.packed import KeepMask, PackedMask
 
 

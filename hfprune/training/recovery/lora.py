@@ -31,8 +31,7 @@ from peft.tuners.lora.layer import LoraVariant
 from torch import nn
 from transformers import PreTrainedModel
 
-from hfprune.callbacks.param_names import MASKED_DELTA_ATTR, canonical_name
-from hfprune.callbacks.sparsity_mask import SparsityMaskCallback
+from hfprune.callbacks.sparsity_mask import MASKED_DELTA_ATTR, SparsityMaskCallback, canonical_name
 from hfprune.errors import InvalidInput
 from hfprune.training.recovery.specs import LoraSpec
 
