@@ -223,3 +223,27 @@ def scratch_twin_of(model, folder: Path, **kwargs):
 
     model.save_pretrained(folder)
     return scratch_twin_from_folder(folder, dtype=model.dtype, **kwargs)
+
+
+def tiny_llama(seed: int = 0, *, vocab: int, layers: int = 2):
+    """A tiny Llama as its constructor initialises it under `seed` (unlike `tiny_model`: no weights
+    scaled, train mode), padding with id 0: the model of the training tests. `vocab` covers the test's
+    token ids; rotary tables do not depend on the position limit, so 64 serves every test's length."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = tiny_config(
+        vocab_size=vocab, num_hidden_layers=layers, max_position_embeddings=64, pad_token_id=0
+    )
+    return LlamaForCausalLM(config)
+
+
+def masked_nonzeros(model, masks: dict) -> int:
+    """Nonzero weights where a keep-mask is False: what `SparsityMaskCallback` must hold at zero,
+    counted without it. Names are compared as the plain model spells them (through PEFT and wrappers)."""
+    from hfprune.callbacks.sparsity_mask import canonical_name
+
+    params = {canonical_name(name): param for name, param in model.named_parameters()}
+    return sum(
+        int(torch.count_nonzero(params[canonical_name(name)].detach()[~keep])) for name, keep in masks.items()
+    )

@@ -13,14 +13,13 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from conftest import tiny_config  # this script runs from tests/, beside conftest.py
+from conftest import masked_nonzeros, tiny_llama  # this script runs from tests/, beside conftest.py
 from tokenizers import Tokenizer, models, pre_tokenizers
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.utils.data import Dataset
 from transformers import (
-    LlamaForCausalLM,
     PreTrainedTokenizerFast,
     Trainer,
     TrainerControl,
@@ -39,12 +38,6 @@ VOCAB, SEQ, BATCH, ACCUMULATION = 260, 16, 2, 2  # the byte tokenizer has 257 to
 BUDGET_DDP = 500
 
 
-def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
-    config = tiny_config(vocab_size=VOCAB, num_hidden_layers=4, max_position_embeddings=64, pad_token_id=0)
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(config)
-
-
 def layer_masks(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(0)
     return {
@@ -52,11 +45,6 @@ def layer_masks(model: torch.nn.Module) -> dict[str, torch.Tensor]:
         for n, p in model.named_parameters()
         if ".layers." in n and p.ndim == 2
     }
-
-
-def masked_nonzeros(model: torch.nn.Module, masks: dict[str, torch.Tensor]) -> int:
-    params = dict(model.named_parameters())
-    return sum(int(torch.count_nonzero(params[n].detach()[~keep])) for n, keep in masks.items())
 
 
 class Padded(Dataset):
@@ -107,7 +95,7 @@ def args_for(out: Path, name: str, **overrides) -> TrainingArguments:
 
 
 def phase_ddp_trainer(out: Path) -> dict:
-    model = tiny_llama()
+    model = tiny_llama(vocab=VOCAB, layers=4)
     masks = layer_masks(model)
     seen = record_inputs(model)
     trainer = Trainer(
@@ -145,7 +133,7 @@ def phase_packed_prune_trainer(out: Path) -> dict:
     world = dist.get_world_size()
     tokens_per_step = world * BATCH * ACCUMULATION * SEQ
     budget = 2 * tokens_per_step + 1  # three steps
-    model = tiny_llama(1)
+    model = tiny_llama(1, vocab=VOCAB, layers=4)
     masks = layer_masks(model)
     seen = record_inputs(model)
     args = args_for(out, "packed", **budget_schedule(budget, tokens_per_step))
@@ -166,7 +154,7 @@ def phase_packed_prune_trainer(out: Path) -> dict:
 
 
 def phase_fsdp2(rank: int) -> dict:
-    model = tiny_llama(2)
+    model = tiny_llama(2, vocab=VOCAB, layers=4)
     masks = layer_masks(model)
     world = dist.get_world_size()
     mesh = init_device_mesh("cpu", (world,))

@@ -6,10 +6,10 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import masked_nonzeros, tiny_llama
 from torch import nn
 from torch.utils.data import Dataset
-from transformers import LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from hfprune.callbacks import (
     PAPER_TRAINING_DEFAULTS,
@@ -33,12 +33,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
-
-
-def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
-    config = tiny_config(vocab_size=VOCAB, num_hidden_layers=4, max_position_embeddings=64, pad_token_id=0)
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(config)
 
 
 class TokenDataset(Dataset):
@@ -87,11 +81,6 @@ def random_masks(model: nn.Module, seed: int = 0, keep: float = 0.5) -> dict[str
     }
 
 
-def masked_nonzeros(model: nn.Module, masks: dict[str, torch.Tensor]) -> int:
-    params = dict(model.named_parameters())
-    return sum(int(torch.count_nonzero(params[name].detach()[~keep])) for name, keep in masks.items())
-
-
 def zero_masked(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
     params = dict(model.named_parameters())
     with torch.no_grad():
@@ -125,7 +114,7 @@ class StopAt(TrainerCallback):
 
 
 def test_budget_stops_at_first_step_reaching_it_and_skips_padding(tmp_path):
-    model = tiny_llama()
+    model = tiny_llama(vocab=VOCAB, layers=4)
     seen = TokensPerForward(model)
     budget, accumulation = 1000, 2
     args = training_args(tmp_path, gradient_accumulation_steps=accumulation, max_steps=100)
@@ -175,7 +164,7 @@ def test_schedule_ends_at_floor_on_the_step_that_spends_the_budget(tmp_path):
     args = training_args(tmp_path, **{**settings, "learning_rate": peak})
     assert args.adam_beta2 == 0.95 and args.weight_decay == 0.1 and args.max_grad_norm == 1.0
     trainer = Trainer(
-        model=tiny_llama(),
+        model=tiny_llama(vocab=VOCAB, layers=4),
         args=args,
         train_dataset=TokenDataset(64, padded=False),
         callbacks=[TokenBudgetCallback(budget)],
@@ -195,17 +184,19 @@ def test_schedule_ends_at_floor_on_the_step_that_spends_the_budget(tmp_path):
 
 
 def test_masks_hold_under_adamw_with_weight_decay_and_high_lr(tmp_path):
-    masks = random_masks(tiny_llama())
+    masks = random_masks(tiny_llama(vocab=VOCAB, layers=4))
     settings = {"max_steps": 6, "gradient_accumulation_steps": 2, "learning_rate": 1e-2, "weight_decay": 0.1}
 
-    control = tiny_llama()
+    control = tiny_llama(vocab=VOCAB, layers=4)
     zero_masked(control, masks)
     Trainer(
         model=control, args=training_args(tmp_path, **settings), train_dataset=TokenDataset(32, True)
     ).train()
     assert masked_nonzeros(control, masks) > 0  # without the callback, pruned weights come back
 
-    model = tiny_llama()  # masked weights nonzero at start: the callback zeroes them at train begin
+    model = tiny_llama(
+        vocab=VOCAB, layers=4
+    )  # masked weights nonzero at start: the callback zeroes them at train begin
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     trainer = Trainer(
         model=model,
@@ -226,7 +217,7 @@ def test_masks_hold_under_adamw_with_weight_decay_and_high_lr(tmp_path):
 
 
 def test_resume_matches_uninterrupted_run(tmp_path):
-    masks = random_masks(tiny_llama())
+    masks = random_masks(tiny_llama(vocab=VOCAB, layers=4))
     budget = 700
     settings = {
         "max_steps": 50,
@@ -238,7 +229,7 @@ def test_resume_matches_uninterrupted_run(tmp_path):
 
     def run(name: str, extra_callbacks=(), resume_from=None, seed: int = 0) -> Trainer:
         trainer = Trainer(
-            model=tiny_llama(seed),
+            model=tiny_llama(seed, vocab=VOCAB, layers=4),
             args=training_args(tmp_path / name, **settings),
             train_dataset=TokenDataset(32, padded=True),
             callbacks=[TokenBudgetCallback(budget), SparsityMaskCallback(masks), *extra_callbacks],
@@ -276,7 +267,7 @@ class WriteIntoMask(TrainerCallback):
 
 
 def test_escaped_weight_raises_naming_module_and_count(tmp_path):
-    model = tiny_llama()
+    model = tiny_llama(vocab=VOCAB, layers=4)
     masks = random_masks(model)
     name = "model.layers.1.mlp.up_proj.weight"
     trainer = Trainer(
@@ -290,7 +281,7 @@ def test_escaped_weight_raises_naming_module_and_count(tmp_path):
 
 
 def test_from_zeros_and_name_resolution_through_wrappers():
-    model = tiny_llama()
+    model = tiny_llama(vocab=VOCAB, layers=4)
     masks = random_masks(model)
     zero_masked(model, masks)
     callback = SparsityMaskCallback.from_zeros(model)
@@ -316,7 +307,7 @@ def test_from_zeros_and_name_resolution_through_wrappers():
 
 
 def test_bad_masks_get_clear_errors():
-    model = tiny_llama()
+    model = tiny_llama(vocab=VOCAB, layers=4)
     with pytest.raises(KeyError, match=r"did you mean 'model\.layers\.0\.mlp\.up_proj\.weight'"):
         SparsityMaskCallback(
             {"model.layer.0.mlp.up_proj.weight": torch.ones(128, 64, dtype=torch.bool)}
@@ -331,7 +322,7 @@ def test_bad_masks_get_clear_errors():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 def test_masking_is_bit_exact_and_clears_non_finite_values(dtype):
-    model = tiny_llama().to(dtype)
+    model = tiny_llama(vocab=VOCAB, layers=4).to(dtype)
     masks = random_masks(model)
     params = dict(model.named_parameters())
     name = "model.layers.1.mlp.down_proj.weight"
@@ -361,8 +352,8 @@ def test_masking_is_bit_exact_and_clears_non_finite_values(dtype):
 
 def test_prune_trainer_clips_without_masked_gradients(tmp_path):
     data = TokenDataset(BATCH, padded=False)
-    masks = random_masks(tiny_llama())
-    initial = tiny_llama()
+    masks = random_masks(tiny_llama(vocab=VOCAB, layers=4))
+    initial = tiny_llama(vocab=VOCAB, layers=4)
     zero_masked(initial, masks)
 
     reference = copy.deepcopy(initial).train()
@@ -387,7 +378,7 @@ def test_prune_trainer_clips_without_masked_gradients(tmp_path):
 
 
 def test_prune_trainer_wires_budget_and_masks(tmp_path):
-    model = tiny_llama()
+    model = tiny_llama(vocab=VOCAB, layers=4)
     masks = random_masks(model)
     trainer = PruneTrainer(
         model=model,
@@ -406,7 +397,7 @@ def test_prune_trainer_wires_budget_and_masks(tmp_path):
 def test_masks_hold_when_restored_optimizer_moments_are_dense(tmp_path):
     # A checkpoint trained without masks carries nonzero Adam moments at the pruned positions; only the
     # re-application after each step keeps those weights at zero when training resumes with masks.
-    masks = random_masks(tiny_llama())
+    masks = random_masks(tiny_llama(vocab=VOCAB, layers=4))
     settings = {
         "max_steps": 6,
         "learning_rate": 1e-2,
@@ -416,10 +407,13 @@ def test_masks_hold_when_restored_optimizer_moments_are_dense(tmp_path):
     }
     args = training_args(tmp_path, **settings)
     Trainer(
-        model=tiny_llama(), args=args, train_dataset=TokenDataset(32, True), callbacks=[StopAt(3)]
+        model=tiny_llama(vocab=VOCAB, layers=4),
+        args=args,
+        train_dataset=TokenDataset(32, True),
+        callbacks=[StopAt(3)],
     ).train()
 
-    model = tiny_llama()
+    model = tiny_llama(vocab=VOCAB, layers=4)
     trainer = Trainer(
         model=model, args=args, train_dataset=TokenDataset(32, True), callbacks=[SparsityMaskCallback(masks)]
     )

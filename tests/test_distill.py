@@ -5,10 +5,10 @@ import copy
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import masked_nonzeros, tiny_llama
 from pydantic import ValidationError
 from torch.utils.data import Dataset
-from transformers import LlamaForCausalLM, TrainerCallback, TrainingArguments
+from transformers import TrainerCallback, TrainingArguments
 
 from hfprune.trainer import PruneTrainer
 from hfprune.training.recovery.distill import (
@@ -23,14 +23,6 @@ from hfprune.training.recovery.specs import DistillSpec
 
 VOCAB = 96
 SEQ = 16
-
-
-def tiny_llama(seed: int = 0, layers: int = 2, vocab: int = VOCAB) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = tiny_config(
-        vocab_size=vocab, num_hidden_layers=layers, max_position_embeddings=32, pad_token_id=0
-    )
-    return LlamaForCausalLM(config)
 
 
 class PaddedTokens(Dataset):
@@ -124,7 +116,7 @@ def test_loss_equals_hand_computed_divergence_and_gradient(spec, num_items):
 
 
 def test_alpha_zero_is_the_models_own_cross_entropy_and_skips_the_teacher():
-    student, teacher = tiny_llama(0), tiny_llama(1, layers=3)
+    student, teacher = tiny_llama(0, vocab=VOCAB), tiny_llama(1, layers=3, vocab=VOCAB)
     calls = []
     teacher.register_forward_hook(lambda *args: calls.append(1))
     inputs = batch()
@@ -138,7 +130,7 @@ def test_alpha_zero_is_the_models_own_cross_entropy_and_skips_the_teacher():
 
 
 def test_teacher_equal_to_student_gives_zero_divergence_and_runs_frozen_in_the_given_dtype():
-    student = tiny_llama(0)
+    student = tiny_llama(0, vocab=VOCAB)
     teacher = copy.deepcopy(student)
     inputs = batch()
     for divergence in ("forward_kl", "reverse_kl", "jsd"):
@@ -163,7 +155,7 @@ def test_next_token_labels_shift_like_transformers():
 def test_vocabulary_mismatch_is_refused():
     hook = DistillationLoss(tiny_llama(1, vocab=VOCAB + 8), DistillSpec())
     with pytest.raises(DistillationSetupError, match=r"vocabulary \(104 tokens\) differs .* \(96\)"):
-        hook(tiny_llama(0), batch(), None)
+        hook(tiny_llama(0, vocab=VOCAB), batch(), None)
 
 
 def test_spec_validation():
@@ -189,11 +181,6 @@ def random_masks(model, seed: int = 0) -> dict[str, torch.Tensor]:
         for name, p in model.named_parameters()
         if ".layers." in name and p.ndim == 2
     }
-
-
-def masked_nonzeros(model, masks) -> int:
-    params = dict(model.named_parameters())
-    return sum(int(torch.count_nonzero(params[name].detach()[~keep])) for name, keep in masks.items())
 
 
 class StopAt(TrainerCallback):
@@ -223,7 +210,7 @@ def train(tmp_path, name: str, train_loss=None, masks=None, save_steps=None, res
         learning_rate=3e-3,
     )
     trainer = PruneTrainer(
-        model=tiny_llama(0),
+        model=tiny_llama(0, vocab=VOCAB),
         args=args,
         train_dataset=PaddedTokens(96),
         token_budget=600,
@@ -236,8 +223,8 @@ def train(tmp_path, name: str, train_loss=None, masks=None, save_steps=None, res
 
 
 def test_distillation_trains_counts_the_same_tokens_and_keeps_masks(tmp_path):
-    masks = random_masks(tiny_llama(0))
-    teacher = tiny_llama(1, layers=3)
+    masks = random_masks(tiny_llama(0, vocab=VOCAB))
+    teacher = tiny_llama(1, layers=3, vocab=VOCAB)
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
     plain = train(tmp_path, "plain", masks=masks)
     distilled = train(tmp_path, "distilled", train_loss=DistillationLoss(teacher, DistillSpec()), masks=masks)
@@ -263,7 +250,7 @@ def test_distillation_trains_counts_the_same_tokens_and_keeps_masks(tmp_path):
 
 
 def test_distillation_resumes_after_a_kill_like_an_uninterrupted_run(tmp_path):
-    teacher = tiny_llama(1, layers=3)
+    teacher = tiny_llama(1, layers=3, vocab=VOCAB)
     full = train(tmp_path, "full", train_loss=DistillationLoss(teacher, DistillSpec(divergence="jsd")))
     train(
         tmp_path,
@@ -285,7 +272,7 @@ def test_distillation_resumes_after_a_kill_like_an_uninterrupted_run(tmp_path):
 
 
 def test_evaluation_keeps_the_models_own_loss(tmp_path):
-    model, teacher = tiny_llama(0), tiny_llama(1, layers=3)
+    model, teacher = tiny_llama(0, vocab=VOCAB), tiny_llama(1, layers=3, vocab=VOCAB)
     args = TrainingArguments(
         output_dir=str(tmp_path), use_cpu=True, report_to=[], per_device_eval_batch_size=3
     )

@@ -8,12 +8,11 @@ import sys
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import masked_nonzeros, tiny_llama
 from pydantic import ValidationError
 from torch.utils.data import Dataset
 from transformers import LlamaForCausalLM, TrainerCallback, TrainingArguments
 
-from hfprune.callbacks import SparsityMaskCallback
 from hfprune.trainer import PruneTrainer
 from hfprune.training.recovery.lora import LoraTargetError, MaskedLora, _MaskedLowRank, merge_lora, wrap_lora
 from hfprune.training.recovery.specs import LoraSpec
@@ -24,14 +23,8 @@ SEQ = 16
 SPEC = LoraSpec(rank=4, alpha=8, dropout=0.0)
 
 
-def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = tiny_config(vocab_size=VOCAB, num_hidden_layers=2, max_position_embeddings=32, pad_token_id=0)
-    return LlamaForCausalLM(config)
-
-
 def sparse_llama(seed: int = 0) -> tuple[LlamaForCausalLM, dict[str, torch.Tensor]]:
-    model = tiny_llama(seed)
+    model = tiny_llama(seed, vocab=VOCAB)
     gen = torch.Generator().manual_seed(seed)
     masks = {
         name: torch.rand(p.shape, generator=gen) < 0.5
@@ -92,15 +85,11 @@ def train(model, out, masks=None, steps: int = 6, callbacks=(), resume=None, sav
     return trainer
 
 
-def masked_nonzeros(model, masks) -> int:
-    return sum(SparsityMaskCallback(masks).count_escaped(model).values())
-
-
 INPUT = torch.arange(1, 13).reshape(2, 6)
 
 
 def test_lora_trains_and_merges_into_a_plain_checkpoint_that_loads_without_peft(tmp_path):
-    model = tiny_llama()
+    model = tiny_llama(vocab=VOCAB)
     original = {k: v.clone() for k, v in model.state_dict().items()}
     peft_model = wrap_lora(model, SPEC)
     trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
@@ -229,7 +218,7 @@ def test_lora_resume_matches_an_uninterrupted_run(tmp_path):
 
 def test_bad_targets_and_specs_get_clear_errors():
     with pytest.raises(LoraTargetError, match=r"'q_prj' \(did you mean 'q_proj'\?\).*linear modules are"):
-        wrap_lora(tiny_llama(), LoraSpec(target_modules=("q_prj", "v_proj")))
+        wrap_lora(tiny_llama(vocab=VOCAB), LoraSpec(target_modules=("q_prj", "v_proj")))
     assert LoraSpec().target_modules == (
         "q_proj",
         "k_proj",
