@@ -60,7 +60,7 @@ class PruneTrainer(Trainer):
         *args: Passed to `transformers.Trainer`.
         token_budget: If set, adds a `TokenBudgetCallback(token_budget)`.
         masks: If set, adds a `SparsityMaskCallback(masks)` (parameter name -> bool keep-mask, or a
-            `hfprune.masks.storage.PackedMask` left bit-packed, possibly only this process's FSDP2 shard).
+            `hfprune.masks.packed.PackedMask` left bit-packed, possibly only this process's FSDP2 shard).
         train_loss: If set, replaces the model's loss on training micro-batches (see `TrainLoss`);
             evaluation keeps the model's own loss, so eval losses stay comparable across kinds.
         **kwargs: Passed to `transformers.Trainer`.

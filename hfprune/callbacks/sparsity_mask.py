@@ -166,7 +166,7 @@ class SparsityMaskCallback(TrainerCallback):
     `merge_and_unload()` writes the dense adapter update into pruned weights. Keep the sparsity with
     `hfprune.training.recovery.lora.merge_lora(model, masks)` (the callback logs a warning saying so).
 
-    Masks may stay bit-packed (`hfprune.masks.storage.PackedMask`, from `load_packed_masks`): one bit per weight
+    Masks may stay bit-packed (`hfprune.masks.packed.PackedMask`, from `load_packed_masks`): one bit per weight
     in host memory, unpacked one parameter at a time. Under FSDP2 a packed mask may hold only the rows
     of this process's shard (`load_packed_masks(..., shard=(rank, world))`); a process whose shard
     is not among the rows it was given raises `ValueError` when training starts.
