@@ -17,6 +17,7 @@ noise to judge by or the sweep's control disagrees with its parent.
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -217,11 +218,11 @@ def _trend_numbers(lines: list[dict[str, Any]], groups: str, direction: str) -> 
         return f"no {groups} group with two or more values to compare"
     narrowed = sum(_narrowed(line) is True for line in lines)
     widened = sum(line["change"].direction == -1 for line in lines)
-    starts = sorted(line["start"].value for line in lines)
-    ends = sorted(line["end"].value for line in lines)
+    starts = [line["start"].value for line in lines]
+    ends = [line["end"].value for line in lines]
     return (
         f"narrows beyond seed noise in {narrowed} of {len(lines)} {groups} lines, widens in {widened}; "
-        f"median gap {_median(starts):+.3f} → {_median(ends):+.3f} nats ({direction}); "
+        f"median gap {statistics.median(starts):+.3f} → {statistics.median(ends):+.3f} nats ({direction}); "
         + _noise_words([line["change"] for line in lines])
     )
 
@@ -248,8 +249,3 @@ def _narrowed(line: dict[str, Any]) -> bool | None:
     if start is None or change is None:
         return None
     return start > 0 and change > 0
-
-
-def _median(values: list[float]) -> float:
-    middle = len(values) // 2
-    return values[middle] if len(values) % 2 else (values[middle - 1] + values[middle]) / 2

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -82,17 +83,12 @@ def finding_lines(rows: list[RunRow]) -> list[str]:
     for budget in budgets:
         cells = [r for r in rows if r.budget == budget and r.gap is not None]
         wins = sum(r.gap < 0 for r in cells)
-        ratios = sorted(r.score(twin) / r.score(headline) for r in cells if r.score(headline))
-        gaps = sorted(r.gap for r in cells)
+        ratios = [r.score(twin) / r.score(headline) for r in cells if r.score(headline)]
+        gaps = [r.gap for r in cells]
         lines.append(
-            f"| {budget:,} | {len(cells)} | {wins} of {len(cells)} | {_median(ratios):.1f}x | {_median(gaps):.2f} |"
+            f"| {budget:,} | {len(cells)} | {wins} of {len(cells)} | {statistics.median(ratios):.1f}x | {statistics.median(gaps):.2f} |"
         )
     return lines if budgets else []
-
-
-def _median(values: list[float]) -> float:
-    middle = len(values) // 2
-    return values[middle] if len(values) % 2 else (values[middle - 1] + values[middle]) / 2
 
 
 def budget_table(rows: list[RunRow]) -> list[str]:
