@@ -185,8 +185,8 @@ def full_disk_at_checkpoint(bench: Bench) -> str:
     done = run_on_small_fs(out, "64m", argv, copy_to=moved, env={**os.environ, "HF_HUB_OFFLINE": "1", **fill})
     first = f"exit {done.returncode}: {error_report(done.stderr)}"
     (moved / "neighbour").unlink(missing_ok=True)  # space is back: the same folder on a larger disk
-    rerun = cli("run", str(path), f"output_dir={moved / 'disk-checkpoint'}")
-    metrics = json.loads((moved / "disk-checkpoint" / "metrics.json").read_text())["continued"]
+    rerun = cli("run", str(path), f"output_dir={moved}")  # the tmpfs was the output folder itself
+    metrics = json.loads((moved / "metrics.json").read_text())["continued"]
     resumed = metrics["training"].get("resumed_from")
     # The resume first: the table cuts long cells, and the error line is long.
     return (
