@@ -150,18 +150,27 @@ def _row(cell: Cell, plan: dict[str, Any], shared_with: list[str], smallest: int
     }
 
 
-def _planned_twin_key(cell: Cell, plan: dict[str, Any]) -> str | None:
-    """Cells whose random-init twins will be the same model (dense methods with the same target shape)."""
-    recipe = cell.recipe
-    twins = [kind.name for kind in kinds.made(kinds.Making.FROM_TWIN)]
-    if recipe.train is None or not set(twins) & set(recipe.train.runs):
-        return None
+def _planned_twin_shape(cell: Cell, plan: dict[str, Any]) -> str | None:
+    """A twin's architecture as far as the configs tell before pruning, the planned side of
+    `hfprune.pipeline.providers.twin_shape`: the target shape of a dense method whose twin re-initialises
+    everything; None when what the twin is made of depends on the pruned weights (sparse masks, or kept
+    embeddings and norms), so only the real run can say which twins are the same model."""
     if (
-        not recipe.train.reinit_embeddings_and_norms
+        cell.recipe.train is None
+        or not cell.recipe.train.reinit_embeddings_and_norms
         or get_method(cell.method).granularity is Granularity.SPARSE
     ):
         return None
-    return json.dumps([plan["target_shape"], recipe.fingerprint("train", "eval", "seed")], sort_keys=True)
+    return "shape:" + json.dumps(plan["target_shape"], sort_keys=True)
+
+
+def _planned_twin_key(cell: Cell, plan: dict[str, Any]) -> str | None:
+    """Cells whose random-init twins will be the same model (the planned `hfprune.sweep.runner.twin_key`)."""
+    twins = [kind.name for kind in kinds.made(kinds.Making.FROM_TWIN)]
+    shape = _planned_twin_shape(cell, plan)
+    if shape is None or not set(twins) & set(cell.recipe.train.runs):
+        return None
+    return json.dumps([shape, cell.recipe.fingerprint("train", "eval", "seed")])
 
 
 def describe_branches(cells: list[Cell], plans: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
@@ -190,16 +199,11 @@ def describe_branches(cells: list[Cell], plans: dict[str, dict[str, Any]]) -> li
 
 
 def _planned_start(cell: Cell, kind: str, plan: dict[str, Any]) -> str | None:
-    """A twin's starting model as the runs will key it (`hfprune.training.branches.starting_identity`): its shape
-    for dense methods that re-initialise everything; None: the prune stage's inputs."""
-    recipe = cell.recipe
-    if (
-        kinds.get(kind).making is not kinds.Making.FROM_TWIN
-        or not recipe.train.reinit_embeddings_and_norms
-        or get_method(cell.method).granularity is Granularity.SPARSE
-    ):
+    """A twin's starting model as the runs will key it (`hfprune.training.branches.starting_identity`): its
+    planned shape; None: the prune stage's inputs (the pruned weights, or a twin they shape)."""
+    if kinds.get(kind).making is not kinds.Making.FROM_TWIN:
         return None
-    return "shape:" + json.dumps(plan["target_shape"], sort_keys=True)
+    return _planned_twin_shape(cell, plan)
 
 
 def format_plan(plan: dict[str, Any]) -> str:
