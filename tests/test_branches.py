@@ -36,6 +36,7 @@ from hfprune.training import train as training
 from hfprune.training.branches import StableRun
 from hfprune.training.checkpoints import COMPLETE_MARKER
 from hfprune.training.schedules import BranchPlan, schedule_args
+from hfprune.training.sharding import load_for_training
 
 
 STEP_TOKENS = 4 * 32
@@ -173,7 +174,7 @@ def test_a_branch_matches_a_straight_run_to_its_budget(reference, tmp_path):
     straight: list[tuple[int, float, int]] = []
     with recording(straight):
         trainer, outcome = training.train_model(
-            training.load_for_training(pruned, spec.args),
+            load_for_training(pruned, spec.args),
             AutoTokenizer.from_pretrained(pruned),
             spec,
             run="straight",
