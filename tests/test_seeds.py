@@ -25,8 +25,20 @@ from hfprune.seeds import Role, role_seed
 
 # The streams as published: a change here changes every twin (and adapter) a recipe makes.
 GOLDEN = {
-    0: {"DATA_ORDER": 0, "PARENT_INIT": 475213806, "TWIN_INIT": 1674277915, "ADAPTER_INIT": 1976155994},
-    42: {"DATA_ORDER": 42, "PARENT_INIT": 471401222, "TWIN_INIT": 208134001, "ADAPTER_INIT": 1525583247},
+    0: {
+        "DATA_ORDER": 0,
+        "PARENT_INIT": 475213806,
+        "TWIN_INIT": 1674277915,
+        "ADAPTER_INIT": 1976155994,
+        "CONTROL_INIT": 3367574,
+    },
+    42: {
+        "DATA_ORDER": 42,
+        "PARENT_INIT": 471401222,
+        "TWIN_INIT": 208134001,
+        "ADAPTER_INIT": 1525583247,
+        "CONTROL_INIT": 618525757,
+    },
 }
 
 TRAIN = """
