@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import datasets
 import numpy as np
 import pytest
 
-from hfprune.data.texts import DatasetError, iter_texts, permuted_texts
+from hfprune.data.texts import PIECE_CHARS, DatasetError, iter_texts, permuted_texts, pieces
 from hfprune.recipe.base import DatasetSpec
 from hfprune.recipe.training import TokenTraining
 from hfprune.training.packing import (
@@ -67,7 +68,9 @@ def test_a_streamed_dataset_keeps_a_buffer_and_says_so(corpus, tiny_tokenizer):
 def test_an_explicit_buffer_still_applies_and_1_keeps_the_source_order(corpus, tiny_tokenizer):
     assert first_indices(section(corpus, shuffle_buffer=1), tiny_tokenizer) == list(range(HEAD))
     assert max(first_indices(section(corpus, shuffle_buffer=100), tiny_tokenizer)) < 100 + HEAD
-    assert describe_order(None) == "full permutation per seed" and describe_order(1) == "source order"
+    assert (
+        describe_order(None).startswith("full permutation per seed") and describe_order(1) == "source order"
+    )
 
 
 def test_seeds_and_epochs_permute_differently_and_reproducibly(corpus, tiny_tokenizer):
@@ -89,7 +92,31 @@ def test_parent_and_training_read_one_stream_so_skip_tokens_keeps_them_disjoint(
 
 def test_a_builtin_corpus_is_permuted_by_index_like_a_dataset():
     spec = DatasetSpec(path="hfprune:pydoc_topics", split="train")
-    texts = list(iter_texts(spec))
+    texts = [piece for text in iter_texts(spec) for piece in pieces(text)]
     order = np.random.default_rng(4).permutation(len(texts))
     assert list(permuted_texts(spec, 4)) == [texts[i] for i in order]
     assert max(order[:HEAD]) > len(texts) * 3 // 4  # its head reaches the end of the corpus
+
+
+def test_pieces_cut_at_line_ends_within_the_limit_and_keep_the_text_in_order():
+    text = "\n".join(f"line {i} " + "x" * (i % 97) for i in range(2000)) + "\n" + "y" * 10_000
+    found = pieces(text, 1000)
+    assert all(0 < len(piece) <= 1000 for piece in found)
+    assert "".join(found).replace("\n", "") == text.replace("\n", "")  # nothing lost, nothing reordered
+    assert all(
+        not piece.startswith("x") for piece in found[:-11]
+    )  # cuts fall at line ends before the long line
+    assert pieces("short document") == ["short document"]
+
+
+def test_a_long_document_is_spread_over_the_whole_permutation_not_one_stretch(tmp_path):
+    long_doc = "\n".join(f"long {i:05d} " + "z" * 60 for i in range(3000))  # about 50 pieces
+    rows = [{"text": f"short {i}"} for i in range(500)] + [{"text": long_doc}]
+    path = tmp_path / "docs.jsonl"
+    path.write_text("\n".join(json.dumps(row) for row in rows) + "\n")
+    order = list(permuted_texts(DatasetSpec(path="json", data_files=str(path)), seed=0))
+    where = [i for i, text in enumerate(order) if text.startswith("long")]
+    assert len(where) == -(-len(long_doc) // PIECE_CHARS) or len(where) > len(long_doc) // PIECE_CHARS
+    # Its pieces land all over the stream, not in one consecutive run a prefix could swallow whole.
+    assert where[0] < len(order) // 4 and where[-1] > 3 * len(order) // 4
+    assert max(b - a for a, b in itertools.pairwise(where)) > 1

@@ -3,8 +3,9 @@
 Everything that reads a corpus goes through `iter_texts`, which wraps `datasets.load_dataset`
 (local `json`/`text` files work offline, `streaming` reads lazily) and adds the built-in corpora of
 `hfprune.data.corpora` (`hfprune:pydoc_topics`, `hfprune:python_stdlib`), text shipped with every interpreter.
-`permuted_texts` reads a dataset that is not streamed in a full random permutation of its documents
-(training, `hfprune.training.packing`), so that any prefix of it is a fair sample of the whole corpus.
+`permuted_texts` reads a dataset that is not streamed in a full random permutation of its documents, cut
+into pieces of at most `PIECE_CHARS` characters (training, `hfprune.training.packing`), so that any prefix
+of it is a fair sample of the whole corpus.
 
 Token windows: calibration takes consecutive windows from the start (`calibration_tokens`); evaluation
 (`hfprune.eval.perplexity`) tokenizes the whole set with its document boundaries (`document_tokens`) and,
@@ -61,13 +62,44 @@ def iter_texts(spec: DatasetLike) -> Iterator[str]:
     yield from _rows(spec, _text_dataset(spec))
 
 
-def permuted_texts(spec: DatasetLike, seed: int) -> Iterator[str]:
-    """The documents of a dataset that is not streamed, in a full random permutation of its rows by `seed`.
+# Documents are permuted in pieces of at most this many characters (cut at line ends): a corpus's few
+# very long documents (the standard library holds 300-750 kB files, a tenth of a pico parent's tokens
+# each) would otherwise fill whole stretches of training, the decay phase included, and make a model's
+# score depend on where its seed happened to put them.
+PIECE_CHARS = 4096
 
-    `datasets.Dataset.shuffle(seed=seed)` (numpy's `default_rng(seed).permutation` of the row indices);
-    the built-in corpora get the same permutation of their documents. Unlike a shuffle buffer, the first
-    documents come from the whole corpus, so any prefix is a fair sample of it. A streamed dataset has
-    no length to permute: it is a `DatasetError` (`hfprune.training.packing` uses a buffer for those).
+
+def pieces(text: str, limit: int = PIECE_CHARS) -> list[str]:
+    """`text` cut at line ends into consecutive pieces of at most `limit` characters, in order (a longer
+    line is cut where the limit falls); blank pieces are dropped."""
+    found: list[str] = []
+    current: list[str] = []
+    size = 0
+    for line in text.split("\n"):
+        while len(line) > limit:
+            found += ["\n".join(current)] if current else []
+            current, size = [], 0
+            found.append(line[:limit])
+            line = line[limit:]
+        if current and size + 1 + len(line) > limit:
+            found.append("\n".join(current))
+            current, size = [], 0
+        size += len(line) + (1 if current else 0)
+        current.append(line)
+    if current:
+        found.append("\n".join(current))
+    return [piece for piece in found if piece.strip()]
+
+
+def permuted_texts(spec: DatasetLike, seed: int) -> Iterator[str]:
+    """The documents of a dataset that is not streamed, cut into `pieces` and read in a full random
+    permutation of the pieces by `seed`.
+
+    `datasets.Dataset.shuffle(seed=seed)` (numpy's `default_rng(seed).permutation` of the row indices) of
+    the dataset's rows mapped to their pieces; the built-in corpora get the same permutation of their
+    pieces. Unlike a shuffle buffer, the first pieces come from the whole corpus, so any prefix is a fair
+    sample of it; a document shorter than `PIECE_CHARS` is one piece. A streamed dataset has no length to
+    permute: it is a `DatasetError` (`hfprune.training.packing` uses a buffer for those).
     """
     if spec.streaming:
         raise DatasetError(f"dataset {_where(spec)} is streamed: it cannot be permuted as a whole")
@@ -75,13 +107,23 @@ def permuted_texts(spec: DatasetLike, seed: int) -> Iterator[str]:
     if spec.path.startswith(BUILTIN_PREFIX):
         import numpy as np
 
-        texts = list(_builtin_texts(spec.path.removeprefix(BUILTIN_PREFIX), spec.split))
+        texts = [
+            p
+            for text in _builtin_texts(spec.path.removeprefix(BUILTIN_PREFIX), spec.split)
+            for p in pieces(text)
+        ]
         for index in np.random.default_rng(seed).permutation(len(texts)):
             yield texts[index]
         return
     dataset = _text_dataset(spec)
-    # In memory: the permutation is an index mapping, not a cache file written beside the dataset's.
-    yield from _rows(spec, dataset.shuffle(seed=seed, keep_in_memory=True))
+    field = spec.text_field
+
+    def cut(batch: dict[str, list[Any]]) -> dict[str, list[str]]:
+        return {field: [p for text in batch[field] if isinstance(text, str) for p in pieces(text)]}
+
+    # In memory: the pieces and the permutation are index mappings, not cache files beside the dataset's.
+    cut_rows = dataset.map(cut, batched=True, remove_columns=dataset.column_names, keep_in_memory=True)
+    yield from _rows(spec, cut_rows.shuffle(seed=seed, keep_in_memory=True))
 
 
 def _text_dataset(spec: DatasetLike) -> Any:

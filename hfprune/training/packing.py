@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from hfprune.data.texts import DatasetLike, iter_texts, permuted_texts
+from hfprune.data.texts import PIECE_CHARS, DatasetLike, iter_texts, permuted_texts
 
 
 logger = logging.getLogger(__name__)
@@ -175,7 +175,7 @@ def shuffle_buffer_of(spec: Any) -> int | None:
 def describe_order(buffer: int | None) -> str:
     """The document order in words, as the run records it (`data_order`)."""
     if buffer is None:
-        return "full permutation per seed"
+        return f"full permutation per seed of documents cut into pieces of at most {PIECE_CHARS} characters"
     if buffer == 1:
         return "source order"
     return f"{buffer}-document shuffle buffer"
