@@ -170,7 +170,7 @@ def second_writer(bench: Bench) -> str:
         holder.join()
 
 
-# What the installed safetensors raises on a full disk (tests/test_disk_full.py captures it on a real one).
+# What the installed safetensors raises on a full disk (tests/test_failures.py captures it on a real one).
 FULL_DISK = "Error while serializing: I/O error: No space left on device (os error 28)"
 
 

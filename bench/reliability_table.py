@@ -10,7 +10,7 @@ seconds). Invalid inputs and faults run the command line in this process (a full
 checkpoint is a real one: a tmpfs another process fills, `conftest.run_on_small_fs`; the other faults
 that need a broken disk or device are simulated by making the library call raise what it raises then). About 5 minutes on
 two busy cores; the same checks, asserted, are tests/test_fault_injection.py, tests/test_reliability.py,
-tests/test_preflight.py, tests/test_recipe.py, tests/test_cli.py and tests/test_parent_masks.py.
+tests/checks/test_preflight.py, tests/recipe/test_schema.py, tests/test_cli.py and tests/masks/test_parent.py.
 """
 
 from __future__ import annotations
@@ -98,8 +98,8 @@ INTRO = (
     "a tiny random Llama parent (8 layers, shortgpt 0.5, 1,024 training tokens in 8 steps, a checkpoint "
     "every 2). Reproduce with `.venv/bin/python bench/reliability_table.py > RELIABILITY.md` (under 10 "
     "minutes on two busy cores, about 4 minutes of CPU); the same cases are asserted by the test suite (tests/test_fault_injection.py, "
-    "whose slow test tries every stage boundary and save; tests/test_reliability.py; tests/test_preflight.py; "
-    "tests/test_parent_masks.py)."
+    "whose slow test tries every stage boundary and save; tests/test_reliability.py; tests/checks/test_preflight.py; "
+    "tests/masks/test_parent.py)."
 )
 
 

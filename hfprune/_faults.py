@@ -1,5 +1,5 @@
 """Test-only fault points: the fault-injection suite (tests/test_fault_injection.py) stops a run dead
-here, and the full-disk suite (tests/test_disk_full.py) fills its disk here.
+here, and the full-disk suite (tests/test_failures.py) fills its disk here.
 
 A fault point is a named moment of a run (a stage boundary, inside a checkpoint save, once a checkpoint
 is complete, inside the final save of a trained model, inside a push). With `HFPRUNE_TEST_KILL_AT=<point>`

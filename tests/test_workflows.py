@@ -3,7 +3,7 @@
 Their YAML is parsed and their shell steps run here with the environment a runner would give them
 (GITHUB_ENV, GITHUB_PATH, GITHUB_OUTPUT applied between steps): where the token is visible, where outputs
 live, how torchrun is launched, and a sweep on the tiny parent carried through its jobs (the parent
-evaluated once, a shared twin trained once, one report). `tests/test_push.py` runs actionlint on them.
+evaluated once, a shared twin trained once, one report). `tests/test_hub.py` runs actionlint on them.
 """
 
 from __future__ import annotations

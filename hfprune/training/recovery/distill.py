@@ -14,7 +14,7 @@ tiles (Triton kernels on GPUs, torch ops elsewhere), so neither model's full log
 vocabulary], 4 GiB per 8k-token sequence at a 128k vocabulary in fp32) ever exist. trl neither documents
 nor exports it (`trl.kernels.__all__` lists only `ChunkedLogProbFunction`; its own wrapper,
 `_chunked_divergence_loss`, is private), so hfprune treats it as private: it is imported here only, with
-the version `constraints.txt` pins (trl 1.16.0), and `tests/test_distill.py` checks its values and
+the version `constraints.txt` pins (trl 1.16.0), and `tests/training/recovery/test_distill.py` checks its values and
 gradients against a hand-written forward KL, reverse KL and JSD, so a trl release that changes it fails
 there rather than in a run. Writing an equivalent chunked kernel would duplicate a tested, FSDP2-aware
 implementation for no gain. The cross-entropy term uses trl's exported `ChunkedLogProbFunction` the same

@@ -30,7 +30,7 @@ from hfprune.recipe.loading import RecipeError
 from hfprune.recipe.schema import load_recipe, validate_recipe
 
 
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 BLOCK = 32  # below the tiny in_features (64, 128) so SparseGPT runs several column blocks
 CASES = [("wanda", "unstructured", 0.7), ("wanda", "2:4", 0.5), ("sparsegpt", "unstructured", 0.7)]
 CASES += [("sparsegpt", "4:8", 0.5), ("magnitude", "unstructured", 0.7), ("magnitude", "2:4", 0.5)]

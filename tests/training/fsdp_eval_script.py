@@ -1,4 +1,4 @@
-"""Worker for tests/test_scale_host.py: `torchrun --nproc_per_node=2 fsdp_eval_script.py PRUNED OUT`.
+"""Worker for tests/training/test_sharding.py: `torchrun --nproc_per_node=2 fsdp_eval_script.py PRUNED OUT`.
 
 Two CPU processes with gloo and raw FSDP2, the path the Trainer takes on accelerators under
 `fsdp_config = {cpu_ram_efficient_loading: true}` (the Trainer itself runs plain DDP on CPUs). Each rank

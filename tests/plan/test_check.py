@@ -21,7 +21,7 @@ from hfprune.plan.hardware import GIB, Hardware, parse_size, stated_hardware
 from hfprune.recipe.schema import load_recipe
 
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 LLAMA_8B = ROOT / "tests/data/llama-3.1-8b-config"
 BIG = Hardware("big (test)", 1, 10**15, None, {"bfloat16": 1e15, "float32": 1e14}, "test")
 

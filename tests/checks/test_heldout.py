@@ -13,7 +13,7 @@ from hfprune.recipe.schema import Recipe, load_recipe, validate_recipe
 from hfprune.sweep.grid import load_sweep
 
 
-RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
+RECIPES = sorted((Path(__file__).resolve().parents[2] / "recipes").glob("*.yaml"))
 PYDOC_TRAIN = {"path": "hfprune:pydoc_topics", "split": "train"}
 PYDOC_TEST = {"path": "hfprune:pydoc_topics", "split": "test"}
 WIKITEXT = "Salesforce/wikitext"

@@ -17,7 +17,7 @@ from hfprune.recipe.schema import load_recipe
 
 
 RATIOS = (0.5, 0.6, 0.7, 0.8)
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 
 
 def smollm2() -> LlamaConfig:

@@ -2,7 +2,7 @@
 weights, masks kept bit-packed and per shard, and evaluation after FSDP training.
 
 The FSDP path itself runs in two real processes (torchrun, gloo, raw FSDP2 prepared by accelerate's own
-`fsdp2_prepare_model`) in tests/fsdp_eval_script.py; one launch serves every test that reads `ranks`.
+`fsdp2_prepare_model`) in tests/training/fsdp_eval_script.py; one launch serves every test that reads `ranks`.
 """
 
 import json
@@ -38,7 +38,7 @@ from hfprune.training.sharding import (
 
 
 SCRIPT = Path(__file__).with_name("fsdp_eval_script.py")
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 EFFICIENT = {"fsdp": True, "fsdp_config": {"cpu_ram_efficient_loading": True}}
 WORLD = 2
 

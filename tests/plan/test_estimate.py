@@ -30,7 +30,7 @@ from hfprune.plan.hardware import GIB, Hardware
 from hfprune.recipe.schema import load_recipe
 
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 LLAMA_8B = ROOT / "tests/data/llama-3.1-8b-config"
 H100 = Hardware("H100 (test)", 1, 80 * 10**9, None, {"bfloat16": 989e12, "float32": 67e12}, "test")
 CPU = Hardware("CPU (test)", 1, None, None, {"bfloat16": 1e9, "float32": 1e10}, "test")

@@ -221,7 +221,7 @@ def test_the_quickstart_fingerprints_are_pinned():
     # since, on purpose: training reads a full permutation of its dataset (`train.shuffle_buffer` unset,
     # was a 1,000-document buffer) and capped evaluation windows are spread over the whole set
     # (`window_selection`, was the head), so their earlier results are no longer current.
-    recipe = load_recipe(Path(__file__).parents[1] / "recipes" / "quickstart.yaml")
+    recipe = load_recipe(Path(__file__).parents[2] / "recipes" / "quickstart.yaml")
     assert recipe.fingerprint("train") == "a25c5aba9f8f39bb"  # 726b69b0c5666a86 with the buffer
     assert recipe.fingerprint("parent", "prune", "calibration", "seed") == "d1334e8bbcb43326"
     assert recipe.fingerprint("parent", "eval") == "3dd4fdad7ff96cb4"  # 1d72482838c988cc with the head
