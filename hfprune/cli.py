@@ -253,7 +253,7 @@ _stage_command("prune", "prune", "Stop after writing the pruned checkpoint (mode
     "--only",
     multiple=True,
     metavar="KEY=VALUE[,KEY=VALUE]",
-    help="Only the cells matching all pairs (keys: method, ratio, budget); repeat to add more cells.",
+    help="Only the cells matching all pairs (keys: method, ratio, budget, seed); repeat to add more cells.",
 )
 @click.option("--force", is_flag=True, help="Rerun stages even when their inputs are unchanged.")
 @click.option(
