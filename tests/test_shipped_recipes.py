@@ -31,9 +31,10 @@ def test_recipe_is_valid_and_documents_its_command(path):
 
 
 def test_the_pico_study_dry_run_lists_both_settings_and_its_branch_plan(tmp_path, monkeypatch):
-    """`hfprune sweep recipes/pico_study.yaml --dry-run`: every cell with both settings' budgets (setting
-    2 = the parent's pretraining tokens + the cell's budget), and a branch plan cheaper than training
-    every budget from the start; from the recipe alone (the parent does not exist yet)."""
+    """`hfprune sweep recipes/pico_study.yaml --dry-run`: every cell of every seed replicate with both
+    settings' budgets (setting 2 = the parent's pretraining tokens + the cell's budget), a parent and a
+    control per seed, and a branch plan cheaper than training every budget from the start; from the
+    recipe alone (no parent exists yet)."""
     import json
 
     from click.testing import CliRunner
@@ -46,7 +47,13 @@ def test_the_pico_study_dry_run_lists_both_settings_and_its_branch_plan(tmp_path
     assert result.exit_code == 0, result.output
     plan = json.loads(result.stdout)
     pretrained = load_sweep(recipe).cells[0].recipe.parent.pretrained_tokens
-    assert len(plan["cells"]) == 36 and not (tmp_path / "runs").exists()
+    assert (
+        len(plan["cells"]) == 3 * 2 * 3 * 3 and not (tmp_path / "runs").exists()
+    )  # methods x ratios x budgets x seeds
+    assert [entry["seed"] for entry in plan["seeds"]] == [0, 1, 2]
+    assert len({entry["parent"] for entry in plan["seeds"]}) == 3  # each seed pretrains its own parent
+    assert [control["seed"] for control in plan["controls"]] == [0, 1, 2]
+    assert sorted({cell["seed"] for cell in plan["cells"]}) == [0, 1, 2]
     for cell in plan["cells"]:
         budgets = {(run["kind"], run["setting"]): run["token_budget"] for run in cell["trained"]}
         assert budgets == {
