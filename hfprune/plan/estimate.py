@@ -1,7 +1,7 @@
 """The plan before any work: per stage, peak accelerator memory, peak host memory, peak disk and a time class.
 
 Runs on the parent's config alone, after the recipe is validated and before any weights load: `--dry-run`
-prints it, and a run refuses to start (`require_fits`, exit 2) when a stage needs more than the machine
+prints it, and a run refuses to start (`hfprune.plan.check`, exit 2) when a stage needs more than the machine
 has, naming the knob to turn (the disk: `hfprune.plan.disk`, checked by `hfprune.plan.check` against the
 output folder's free space). Every number is a sum of named terms, each with the formula that produced
 it, so a reader can check the plan by hand (`format_plan`; `Plan.to_dict()` for JSON). The terms model
@@ -198,13 +198,6 @@ def problems(plan: Plan) -> list[tuple[str, str]]:
                 continue
             found.append(_advice(stage, where, total, limit))
     return found
-
-
-def require_fits(plan: Plan) -> None:
-    """Raise `PlanError` (exit 2) listing every stage that does not fit, with the knob to turn."""
-    found = problems(plan)
-    if found:
-        raise PlanError(found)
 
 
 def _device_limit(hardware: Hardware) -> int | None:

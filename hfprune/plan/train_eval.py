@@ -22,6 +22,7 @@ from hfprune.plan.terms import (
     logits_bytes_per_entry,
     weights,
 )
+from hfprune.recipe.training import per_device_batch
 
 
 def eval_stage(name: str, shape: Shape, sets: list[Any], batch_size: int) -> StageEstimate | None:
@@ -70,7 +71,7 @@ def train_stage(
 ) -> StageEstimate:
     """One training run of `budget` tokens on `processes` devices, as TrainingArguments set it."""
     args = train.args
-    micro, s = int(args.get("per_device_train_batch_size", 8)), train.seq_len
+    micro, s = per_device_batch(args), train.seq_len
     mixed = bool(args.get("bf16") or args.get("fp16"))
     a, checkpointing = 2 if mixed else 4, bool(args.get("gradient_checkpointing"))
     shards = processes if (args.get("fsdp") or args.get("deepspeed")) and processes > 1 else 1

@@ -25,6 +25,16 @@ from pydantic import ConfigDict, Field, field_validator, model_validator
 from hfprune.recipe.base import DatasetSpec, Strict, default_dataset
 
 
+# `TrainingArguments.per_device_train_batch_size`'s default, for what is planned and counted before
+# transformers is imported (a test holds it to the installed default).
+TRAINER_DEFAULT_BATCH = 8
+
+
+def per_device_batch(args: dict) -> int:
+    """The per-device batch a section's `args` train with: theirs, else the Trainer's default."""
+    return int(args.get("per_device_train_batch_size", TRAINER_DEFAULT_BATCH))
+
+
 # TrainingArguments that hfprune derives itself; a recipe setting them would silently be overridden.
 DERIVED_TRAINING_ARGS = {
     "output_dir": "set by hfprune under <output_dir>/.hfprune/train",

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from hfprune import distributed, kinds
+from hfprune.recipe.training import per_device_batch
 
 
 WSD_SCHEDULER = "warmup_stable_decay"
@@ -43,7 +44,7 @@ warnings.filterwarnings("ignore", message="Both num_training_steps and num_stabl
 def tokens_per_step(spec: Any) -> int:
     """Tokens in one optimizer step of `spec` (a `TokenTraining`): global batch x seq_len."""
     user = spec.args
-    per_device = int(user.get("per_device_train_batch_size", 8))
+    per_device = per_device_batch(user)
     accumulation = int(user.get("gradient_accumulation_steps", 1))
     return per_device * accumulation * distributed.world_size() * spec.seq_len
 

@@ -33,6 +33,7 @@ from hfprune.errors import RunFailure
 from hfprune.eval.perplexity import perplexity
 from hfprune.failures import writes_to
 from hfprune.masks.packed import KeepMask
+from hfprune.recipe.training import per_device_batch
 from hfprune.trainer import PruneTrainer, TrainLoss
 from hfprune.training import schedules
 from hfprune.training.checkpoints import (
@@ -87,7 +88,7 @@ def training_arguments(
 ) -> tuple[TrainingArguments, int]:
     """A run's TrainingArguments (`schedule` replacing its own: `hfprune.training.branches`) and tokens per step."""
     user = dict(spec.args)
-    per_device = int(user.get("per_device_train_batch_size", 8))
+    per_device = per_device_batch(user)
     accumulation = int(user.get("gradient_accumulation_steps", 1))
     tokens_per_step = schedules.tokens_per_step(spec)
     if spec.token_budget < tokens_per_step:
