@@ -20,9 +20,12 @@ kind recorded in metrics.json.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from hfprune.eval.perplexity import Z_95
 from hfprune.report.cells import is_study, is_trained_cell, read_cell
@@ -82,7 +85,9 @@ def study_report(folder: Path, runs: list[Path]) -> StudySection | None:
         "figure": {"file": FIGURE, "panels": panels},
         "discussion": discussion,
     }
-    markdown = render_study(noise, findings, control, FIGURE, discussion)
+    regimes = training_regimes(runs)
+    data["training"] = regimes
+    markdown = render_study(noise, findings, control, FIGURE, discussion, regimes)
     warning = []
     if control is not None and control.status == DISAGREES:
         warning = [
@@ -92,3 +97,36 @@ def study_report(folder: Path, runs: list[Path]) -> StudySection | None:
             )
         ]
     return StudySection(markdown=markdown, data=data, plots=[FIGURE], warning=warning)
+
+
+def training_regimes(runs: list[Path]) -> list[dict[str, Any]]:
+    """How each model of the study trained, from the first trained cell's resolved recipe and metrics:
+    the parent (its pretraining), the trained kinds and the control (which train with the `train`
+    section): schedule, peak learning rate, tokens per step and data order."""
+    run = next((r for r in runs if is_trained_cell(r)), None)
+    if run is None:
+        return []
+    recipe = yaml.safe_load((run / "recipe.yaml").read_text()) or {}
+    metrics = json.loads((run / "metrics.json").read_text())
+    pretrain, train = (recipe.get("parent") or {}).get("pretrain"), recipe.get("train") or {}
+    trained = [k for k in train.get("runs", []) if k in metrics]
+    rows = []
+    for models, section, record in (
+        ("parent (pretraining)", pretrain, metrics.get("parent", {}).get("pretraining", {})),
+        (
+            ", ".join([*trained, "control"]),
+            train,
+            metrics.get(trained[0], {}).get("training", {}) if trained else {},
+        ),
+    ):
+        if section:
+            rows.append(
+                {
+                    "models": models,
+                    "schedule": section.get("schedule") or {"type": "cosine"},
+                    "learning_rate": (section.get("args") or {}).get("learning_rate"),
+                    "tokens_per_step": record.get("tokens_per_step"),
+                    "data_order": record.get("data_order"),
+                }
+            )
+    return rows

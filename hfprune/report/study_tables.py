@@ -26,6 +26,7 @@ def render_study(
     control: ControlCheck | None,
     figure: str,
     discussion: str | None,
+    regimes: list[dict[str, Any]] | None = None,
 ) -> str:
     headline = kinds.comparison()[0].name
     out = [
@@ -42,6 +43,7 @@ def render_study(
         table = detail_table(finding)
         if table:
             out += ["", f"Claim {finding.number} in detail:", "", *table]
+    out += ["", "## Training", "", *regime_table(regimes or [])]
     out += ["", "## Seed noise", "", *spread_table(noise)]
     out += ["", "## Control", "", *control_lines(control)]
     out += [
@@ -237,3 +239,22 @@ def _yes_no(value: bool | None) -> str:
 
 def _number(value: float) -> str:
     return f"{value:,}" if isinstance(value, int) else str(value)
+
+
+def regime_table(regimes: list[dict[str, Any]]) -> list[str]:
+    """One row per group of models that trained alike (`hfprune.report.study.training_regimes`)."""
+    if not regimes:
+        return ["(no training recorded)"]
+    rows = [
+        "Every model of one row trained alike; one schedule family for all when the rows agree.",
+        "",
+        "| models | schedule | peak learning rate | tokens per step | data order |",
+        "|---|---|---:|---:|---|",
+    ]
+    for regime in regimes:
+        schedule = ", ".join(f"{k} {v}" for k, v in regime["schedule"].items())
+        rows.append(
+            f"| {regime['models']} | {schedule} | {regime['learning_rate']} | {regime['tokens_per_step']} | "
+            f"{regime['data_order']} |"
+        )
+    return rows

@@ -223,3 +223,35 @@ def test_perplexity_keeps_each_windows_nll_and_its_standard_error(tiny_tokenizer
     low, high = recorded["interval_95"]
     assert low < recorded["value"] < high
     assert math.log(high) - math.log(recorded["value"]) == pytest.approx(1.96 * result.nll_se)
+
+
+def test_the_report_says_how_each_model_trained(tmp_path):
+    folder = seed_cell(tmp_path, "wanda", 0.5, 1_000, 0, (0.5, 0.2))
+    wsd = {"type": "wsd", "decay_ratio": 0.2}
+    recipe = yaml.safe_load((folder / "recipe.yaml").read_text())
+    recipe["parent"]["pretrain"] = {"schedule": wsd, "args": {"learning_rate": 0.001}}
+    recipe["train"] |= {
+        "runs": ["continued", "scratch", "scratch_pipeline"],
+        "schedule": wsd,
+        "args": {"learning_rate": 0.002},
+    }
+    (folder / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    metrics = json.loads((folder / "metrics.json").read_text())
+    metrics["parent"]["pretraining"] = {"tokens_per_step": 1024, "data_order": "full permutation per seed"}
+    metrics["continued"]["training"] = {"tokens_per_step": 512, "data_order": "full permutation per seed"}
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+    for seed in (1, 2):
+        seed_cell(tmp_path, "wanda", 0.5, 1_000, seed, (0.5, 0.2))
+    regimes = write_report(tmp_path)["study"]["training"]
+    assert [r["models"] for r in regimes] == [
+        "parent (pretraining)",
+        "continued, scratch, scratch_pipeline, control",
+    ]
+    assert [(r["schedule"]["type"], r["learning_rate"], r["tokens_per_step"]) for r in regimes] == [
+        ("wsd", 0.001, 1024),
+        ("wsd", 0.002, 512),
+    ]
+    assert (
+        "| parent (pretraining) | type wsd, decay_ratio 0.2 | 0.001 | 1024 |"
+        in (tmp_path / "report.md").read_text()
+    )
